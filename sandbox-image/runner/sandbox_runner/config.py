@@ -1,0 +1,64 @@
+"""Runner configuration, read once from ``TCI_RUNNER_*`` environment variables at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-execute caps. Text caps count UTF-8 bytes; ``max_output_bytes`` also counts images."""
+
+    max_stream_bytes: int = 1 * MiB
+    max_output_bytes: int = 8 * MiB
+    max_file_bytes: int = 16 * MiB
+    max_files_bytes: int = 32 * MiB
+    max_files: int = 64
+    max_name_bytes: int = 255
+    max_path_bytes: int = 1024
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """Everything the runner needs to know about its container."""
+
+    workdir: Path = Path("/workspace")
+    limits: Limits = field(default_factory=Limits)
+    # Seconds to wait after SIGINT before the kernel is killed and restarted.
+    interrupt_grace: float = 3.0
+    # RSS cap for the kernel's process tree; 0 derives it from the cgroup limit minus a reserve.
+    kernel_memory_bytes: int = 0
+    memory_reserve_bytes: int = 96 * MiB
+    # Where the image keeps a prebuilt matplotlib font cache to seed the writable config dir.
+    mpl_seed_dir: Path = Path("/opt/mplconfig")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RunnerConfig:
+        """Build the config from ``TCI_RUNNER_*`` variables, with the defaults above."""
+        env = os.environ if env is None else env
+
+        def num(name: str, default: float) -> float:
+            raw = env.get(f"TCI_RUNNER_{name}")
+            return float(raw) if raw else default
+
+        base = Limits()
+        limits = Limits(
+            max_stream_bytes=int(num("MAX_STREAM_BYTES", base.max_stream_bytes)),
+            max_output_bytes=int(num("MAX_OUTPUT_BYTES", base.max_output_bytes)),
+            max_file_bytes=int(num("MAX_FILE_BYTES", base.max_file_bytes)),
+            max_files_bytes=int(num("MAX_FILES_BYTES", base.max_files_bytes)),
+            max_files=int(num("MAX_FILES", base.max_files)),
+        )
+        return cls(
+            workdir=Path(env.get("TCI_RUNNER_WORKDIR", str(cls.workdir))),
+            limits=limits,
+            interrupt_grace=num("INTERRUPT_GRACE", cls.interrupt_grace),
+            kernel_memory_bytes=int(num("KERNEL_MEMORY_BYTES", 0)),
+            memory_reserve_bytes=int(num("MEMORY_RESERVE_BYTES", cls.memory_reserve_bytes)),
+            mpl_seed_dir=Path(env.get("TCI_RUNNER_MPL_SEED_DIR", str(cls.mpl_seed_dir))),
+        )

@@ -1,0 +1,204 @@
+"""IPython extension loaded into the kernel: caps stdout/stderr at the source.
+
+ipykernel routes every write to ``sys.stdout``/``sys.stderr`` through ``OutStream.write``, including
+bytes written to file descriptors 1 and 2 by subprocesses and C code (its pipe watcher calls
+``write``). Wrapping ``write`` therefore drops excess output inside the producer, before it is
+buffered or sent. At the end of each execute, once fd-level output has been drained, the dropped
+byte counts are published once, under a private MIME type that the runner consumes and never
+returns to the caller. Once a stream has dropped bytes it keeps nothing more in that execute, so
+what the caller sees is always a prefix of the output followed by the runner's marker.
+
+It also runs ``!cmd`` shell escapes over plain pipes instead of IPython's pseudo-terminal, so
+their output keeps ``\n`` line endings and stderr stays apart from stdout.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import fcntl
+import os
+import selectors
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from sandbox_runner.outputs import TRUNCATION_MIME
+
+_STREAMS = ("stdout", "stderr")
+# Upper bound on waiting for fd-level output at the end of a cell (a writer that never stops).
+_DRAIN_SECONDS = 1.0
+
+
+class _Caps:
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        # ipykernel's OutStreams, kept here because user code may rebind sys.stdout and sys.stderr.
+        self.streams: list[Any] = []
+        self.used = dict.fromkeys(_STREAMS, 0)
+        self.dropped = dict.fromkeys(_STREAMS, 0)
+        self.lock = threading.Lock()
+
+    def reset(self, *_: Any) -> None:
+        with self.lock:
+            self.used = dict.fromkeys(_STREAMS, 0)
+            self.dropped = dict.fromkeys(_STREAMS, 0)
+
+    def wrap(self, name: str, write: Callable[[str], Any]) -> Callable[[str], Any]:
+        def capped_write(text: str) -> Any:
+            if not isinstance(text, str):
+                return write(text)  # let OutStream raise its own TypeError
+            data = text.encode("utf-8", errors="replace")
+            with self.lock:
+                # Once something was dropped nothing more is kept: the output stays a prefix.
+                room = 0 if self.dropped[name] else self.cap - self.used[name]
+                if len(data) <= room:
+                    self.used[name] += len(data)
+                    keep = text
+                else:
+                    kept = data[: max(room, 0)].decode("utf-8", errors="ignore")
+                    kept_len = len(kept.encode("utf-8", errors="replace"))
+                    self.used[name] += kept_len
+                    self.dropped[name] += len(data) - kept_len
+                    keep = kept
+            if keep:
+                write(keep)
+            return len(text)
+
+        return capped_write
+
+    def report(self, *_: Any) -> None:
+        _drain_fd_output(self.streams)
+        with self.lock:
+            dropped = {name: count for name, count in self.dropped.items() if count}
+        if not dropped:
+            return
+        from IPython.display import publish_display_data
+
+        publish_display_data({TRUNCATION_MIME: dropped})  # type: ignore[no-untyped-call]
+
+
+def _pipe_backlog(fd: int) -> int:
+    """Bytes waiting to be read from the pipe ``fd``."""
+    count = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", count)[0])
+
+
+def _drain_fd_output(streams: list[Any]) -> None:
+    """Wait until output written to file descriptors 1 and 2 has gone through ``write``, then send it.
+
+    ipykernel moves fd-level output (subprocesses, C code, ``os.write``) from a pipe to
+    ``OutStream.write`` in a thread of its own that nothing waits for, so output written just
+    before the cell ends could be counted after the report, or sent after the execute is over.
+    """
+    deadline = time.monotonic() + _DRAIN_SECONDS
+    for stream in streams:
+        fd = getattr(stream, "_fid", None)  # ipykernel's read end of the pipe, None if not watched
+        with contextlib.suppress(OSError):
+            while isinstance(fd, int) and _pipe_backlog(fd) and time.monotonic() < deadline:
+                time.sleep(0.001)
+        # flush() waits for the I/O thread, which lets the pipe thread write what it read last.
+        stream.flush()
+
+
+def _piped_system(cmd: str) -> int:
+    """Run a shell command, streaming its stdout and stderr into the cell's output."""
+    proc = subprocess.Popen(  # noqa: S602 - a shell escape is a shell command by definition
+        cmd,
+        shell=True,
+        executable="/bin/sh",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    selector = selectors.DefaultSelector()
+    for pipe, target in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
+        selector.register(pipe, selectors.EVENT_READ, (target, codecs.getincrementaldecoder("utf-8")("replace")))
+    try:
+        while selector.get_map():
+            for key, _ in selector.select():
+                target, decoder = key.data
+                chunk = os.read(key.fd, 65536)
+                if chunk:
+                    target.write(decoder.decode(chunk))
+                else:
+                    target.write(decoder.decode(b"", final=True))
+                    selector.unregister(key.fileobj)
+        return proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    finally:
+        selector.close()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+# Process handles user code still holds: their exit status is theirs to collect.
+_handles: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _track_handles(cls: Any) -> None:
+    original = cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        _handles.add(self)
+
+    cls.__init__ = __init__
+
+
+def _reap_children(*_: Any) -> None:
+    """Collect children the runner killed after the previous execute (they are zombies until then).
+
+    Every child of the kernel is killed when its execute ends (the runner's leftover policy), so a
+    zombie child left at the start of the next execute has no one else to wait for it, unless a
+    ``subprocess.Popen`` or ``multiprocessing`` handle still owns it: those report ``-9`` themselves.
+    """
+    owned = {handle.pid for handle in list(_handles) if getattr(handle, "returncode", None) is None}
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in owned:
+            continue
+        try:
+            stat = open(f"/proc/{entry.name}/stat").read()  # noqa: SIM115 - one tiny read
+        except OSError:
+            continue
+        state, ppid = stat[stat.rfind(")") + 2 :].split()[:2]
+        if state == "Z" and int(ppid) == me:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry.name), os.WNOHANG)
+
+
+def load_ipython_extension(ip: Any) -> None:
+    """Entry point IPython calls when the kernel starts with this extension."""
+    caps = _Caps(int(os.environ.get("TCI_KERNEL_MAX_STREAM_BYTES", str(1024 * 1024))))
+    for name in _STREAMS:
+        stream = getattr(sys, name)
+        stream.write = caps.wrap(name, stream.write)
+        caps.streams.append(stream)
+    import ipykernel.zmqshell
+
+    # What ZMQInteractiveShell.system_piped calls; the module imports it without re-exporting it.
+    ipykernel.zmqshell.system = _piped_system  # type: ignore[attr-defined]
+    import multiprocessing.popen_fork
+
+    _track_handles(subprocess.Popen)
+    _track_handles(multiprocessing.popen_fork.Popen)
+    ip.events.register("pre_execute", _reap_children)
+    ip.events.register("pre_execute", caps.reset)
+    ip.events.register("post_execute", caps.report)

@@ -1,0 +1,201 @@
+"""The runner's request loop: frames in on stdin, frames out on stdout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from typing import Any
+
+from . import __version__, procs
+from .config import RunnerConfig
+from .files import FileRejected, check_destinations, prepare_files, write_files
+from .kernel import KernelSupervisor
+from .protocol import OPS, PROTOCOL_VERSION, ProtocolError, encode_frame, fail, ok, read_frame, sync_line
+
+log = logging.getLogger("sandbox_runner")
+
+# How long an execute waits for a kernel that is still booting before starting one itself.
+_BOOT_WAIT = 60.0
+
+# Executes are bounded by the orchestrator; this only guards against a missing or absurd value.
+_MAX_TIMEOUT = 24 * 3600.0
+
+
+def _timeout_arg(args: dict[str, Any], default: float) -> float | None:
+    """The request's ``timeout`` in seconds, or None when it is not a positive number of sane size."""
+    value = args.get("timeout", default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= _MAX_TIMEOUT:
+        return None
+    return float(value)
+
+
+class Runner:
+    """Dispatches protocol requests to the kernel supervisor and keeps the session counters."""
+
+    def __init__(self, config: RunnerConfig, supervisor: KernelSupervisor, writer: asyncio.StreamWriter) -> None:
+        self._config = config
+        self._kernel = supervisor
+        self._writer = writer
+        self._write_lock = asyncio.Lock()
+        # One execute at a time, including the leftover-process sweep that follows it.
+        self._exec_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.started_at = time.time()
+        self.execute_count = 0
+        self.last_execute_at: float | None = None
+        self.kernel_error: str | None = None
+
+    async def serve(self, reader: asyncio.StreamReader) -> None:
+        """Read requests until stdin ends; each request is handled in its own task."""
+        while True:
+            try:
+                message = await read_frame(reader)
+            except EOFError:
+                log.info("stdin closed; exiting")
+                return
+            except ProtocolError as exc:
+                # Without a frame boundary the rest of the stream is meaningless.
+                log.error("unreadable request stream: %s", exc)
+                return
+            task = asyncio.create_task(self._handle(message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, message: dict[str, Any], prefix: bytes = b"") -> None:
+        async with self._write_lock:
+            self._writer.write(prefix + encode_frame(message))
+            await self._writer.drain()
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        request_id = str(message.get("id", ""))
+        op = message.get("op")
+        args = message.get("args") or {}
+        if op not in OPS or not isinstance(args, dict):
+            await self._send(fail(request_id, "bad_request", f"unknown op {op!r}"))
+            return
+        try:
+            match op:
+                case "hello":
+                    nonce = str(args.get("nonce", ""))
+                    await self._send(ok(request_id, self._hello()), prefix=sync_line(nonce))
+                case "ready":
+                    await self._send(await self._ready(request_id, args))
+                case "execute":
+                    await self._execute(request_id, args)
+                case "interrupt":
+                    await self._kernel.interrupt()
+                    await self._send(ok(request_id, {}))
+                case "stats":
+                    await self._send(ok(request_id, self._stats()))
+        except Exception as exc:
+            log.exception("request %s (%s) failed", request_id, op)
+            await self._send(fail(request_id, "runner_error", f"{type(exc).__name__}: {exc}"))
+
+    def _hello(self) -> dict[str, Any]:
+        return {"protocol": PROTOCOL_VERSION, "version": __version__, **self._stats()}
+
+    def _stats(self) -> dict[str, Any]:
+        return {
+            "started_at": self.started_at,
+            "execute_count": self.execute_count,
+            "last_execute_at": self.last_execute_at,
+            "kernel_ready": self._kernel.ready.is_set(),
+            "kernel_error": self.kernel_error,
+            "kernel_pid": self._kernel.pid,
+            "kernel_restarts": self._kernel.restarts,
+            "kernel_startup_seconds": self._kernel.startup_seconds,
+            "memory_bytes": procs.cgroup_memory_usage(),
+            "memory_limit_bytes": procs.cgroup_memory_limit(),
+        }
+
+    async def _ready(self, request_id: str, args: dict[str, Any]) -> dict[str, Any]:
+        timeout = _timeout_arg(args, 60)
+        if timeout is None:
+            return fail(request_id, "bad_request", "timeout must be a positive number", "timeout")
+        try:
+            await asyncio.wait_for(self._kernel.ready.wait(), timeout)
+        except TimeoutError:
+            reason = self.kernel_error or f"the kernel was not ready within {timeout:g} s"
+            return fail(request_id, "kernel_not_ready", reason)
+        return ok(request_id, self._stats())
+
+    async def _kernel_ready(self) -> bool:
+        """Wait for a kernel that is starting; start one again if it failed (never wait forever)."""
+        if self._kernel.ready.is_set():
+            return True
+        if self.kernel_error is None and self._kernel.start_error is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kernel.ready.wait(), _BOOT_WAIT)
+        return self._kernel.ready.is_set() or await self._kernel.restart()
+
+    async def _execute(self, request_id: str, args: dict[str, Any]) -> None:
+        code = args.get("code")
+        if not isinstance(code, str):
+            await self._send(fail(request_id, "bad_request", "code must be a string", "code"))
+            return
+        timeout = _timeout_arg(args, 30)
+        if timeout is None:
+            await self._send(fail(request_id, "bad_request", "timeout must be a positive number", "timeout"))
+            return
+        async with self._exec_lock:
+            try:
+                files = prepare_files(args.get("files"), self._config.limits)
+                if files:
+                    check_destinations(self._config.workdir, files)
+                    write_files(self._config.workdir, files)
+            except FileRejected as exc:
+                await self._send(fail(request_id, "invalid_file", str(exc), exc.param))
+                return
+            except OSError as exc:
+                await self._send(fail(request_id, "file_write_failed", f"could not write the files: {exc}", "files"))
+                return
+            if not await self._kernel_ready():
+                reason = self._kernel.start_error or self.kernel_error or "the kernel is not running"
+                await self._send(fail(request_id, "kernel_not_ready", reason))
+                return
+            outcome = await self._kernel.execute(code, timeout)
+            if outcome.outcome != "not_run":
+                self.execute_count += 1
+                self.last_execute_at = time.time()
+            await self._send(ok(request_id, outcome.to_wire()))
+            kernel_pid = self._kernel.pid
+            killed = procs.kill_leftovers(keep={kernel_pid} if kernel_pid else set())
+            if killed:
+                log.info("killed %d leftover processes after execute %s", len(killed), request_id)
+
+
+async def open_stdio() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Async streams over this process's stdin and stdout."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout.buffer)
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    return reader, writer
+
+
+async def run(config: RunnerConfig, kernel_env: dict[str, str]) -> None:
+    """Serve the protocol on stdio while the kernel starts in the background."""
+    reader, writer = await open_stdio()
+    supervisor = KernelSupervisor(config, kernel_env)
+    runner = Runner(config, supervisor, writer)
+
+    async def start_kernel() -> None:
+        for attempt in range(1, 4):
+            try:
+                await supervisor.start()
+                log.info("kernel ready in %.3f s", supervisor.startup_seconds or 0.0)
+                return
+            except Exception as exc:
+                runner.kernel_error = f"the kernel failed to start: {type(exc).__name__}: {exc}"
+                log.exception("kernel start attempt %d failed", attempt)
+
+    starter = asyncio.create_task(start_kernel())
+    try:
+        await runner.serve(reader)
+    finally:
+        starter.cancel()
+        await supervisor.shutdown()
