@@ -1,0 +1,1 @@
+"""HTTP surface: the TCI routes (under ``/`` and ``/v1``), health and metrics."""

@@ -1,0 +1,40 @@
+"""Dependencies, as ``Annotated`` aliases that read the lifespan's services."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from ..backends.base import Backend
+from ..metrics import Metrics
+from ..sessions import SessionManager
+from ..settings import Settings
+from ..tenancy import Authenticator
+
+
+@dataclass(frozen=True)
+class Services:
+    """Everything long-lived, created and closed by the app's lifespan."""
+
+    settings: Settings
+    backend: Backend
+    manager: SessionManager
+    authenticator: Authenticator
+    metrics: Metrics
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_tenant(services: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> str:
+    return services.authenticator.tenant_for(authorization)
+
+
+TenantDep = Annotated[str, Depends(get_tenant)]

@@ -1,0 +1,78 @@
+"""The one place that turns exceptions into HTTP responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import InvalidRequest, OrchestratorError
+from ..schemas import render_error
+from .responses import TCIJSONResponse
+
+log = structlog.get_logger(__name__)
+
+
+def _respond(exc: OrchestratorError) -> TCIJSONResponse:
+    headers = {"x-should-retry": "true" if exc.retry else "false"}
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers["retry-after"] = str(retry_after)
+    body = render_error(exc.status_code, exc.message, exc.type, exc.code, exc.param)
+    return TCIJSONResponse(body, status_code=exc.status_code, headers=headers)
+
+
+def _from_validation(exc: RequestValidationError) -> OrchestratorError:
+    errors: list[dict[str, Any]] = list(exc.errors())
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return InvalidRequest(f"request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+    if loc == ["language"]:
+        error = InvalidRequest(
+            f"language {first.get('input')!r} is not supported; only 'python' is",
+            param="language",
+            code="unsupported_language",
+        )
+    else:
+        where = f"{param}: " if param else ""
+        error = InvalidRequest(f"{where}{first.get('msg')}", param=param)
+    error.status_code = 422
+    return error
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers: our tree, validation errors, routing errors, and anything else."""
+
+    async def orchestrator_error(_: Request, exc: Exception) -> TCIJSONResponse:
+        assert isinstance(exc, OrchestratorError)
+        if exc.status_code >= 500:
+            log.warning("request_failed", code=exc.code, error=exc.message)
+        return _respond(exc)
+
+    async def validation_error(_: Request, exc: Exception) -> TCIJSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return _respond(_from_validation(exc))
+
+    async def http_error(_: Request, exc: Exception) -> TCIJSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        if isinstance(exc.__cause__, OrchestratorError):
+            # FastAPI wraps any failure while reading the body (e.g. our 413) in a generic 400.
+            return _respond(exc.__cause__)
+        error = OrchestratorError(str(exc.detail), code="not_found" if exc.status_code == 404 else "http_error")
+        error.status_code = exc.status_code
+        error.type = "invalid_request_error"
+        return _respond(error)
+
+    async def unexpected(_: Request, exc: Exception) -> TCIJSONResponse:
+        log.exception("unhandled_error", error=repr(exc))
+        return _respond(OrchestratorError("internal error"))
+
+    app.add_exception_handler(OrchestratorError, orchestrator_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

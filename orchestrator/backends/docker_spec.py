@@ -1,0 +1,83 @@
+"""Pure builder of the Docker ``containers.create`` arguments for one sandbox."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..settings import SandboxSettings
+
+SANDBOX_UID_GID = "10001"
+WORKDIR = "/workspace"
+HOME = "/home/sandbox"
+
+
+def _tmpfs(size: int, *, owned: bool) -> str:
+    # noexec stays off: native extensions pip installs into the home dir must be loadable.
+    options = f"rw,nosuid,nodev,exec,size={size}"
+    return f"{options},uid={SANDBOX_UID_GID},gid={SANDBOX_UID_GID},mode=0700" if owned else f"{options},mode=1777"
+
+
+def runner_environment(sandbox: SandboxSettings) -> dict[str, str]:
+    """The runner's settings; never anything secret (``/proc/1/environ`` is readable inside)."""
+    return {
+        "TCI_RUNNER_WORKDIR": WORKDIR,
+        "TCI_RUNNER_MAX_STREAM_BYTES": str(sandbox.max_stream_bytes),
+        "TCI_RUNNER_MAX_OUTPUT_BYTES": str(sandbox.max_output_bytes),
+    }
+
+
+def container_config(
+    sandbox: SandboxSettings,
+    *,
+    name: str,
+    labels: dict[str, str],
+    seccomp_profile: str,
+) -> dict[str, Any]:
+    """Keyword arguments for ``docker.models.containers.ContainerCollection.create``.
+
+    Args:
+        sandbox: limits and image.
+        name: the container name (it records the session claim, see ``labels.py``).
+        labels: ownership labels.
+        seccomp_profile: the profile's JSON text (the Engine API takes content, not a path).
+    """
+    config: dict[str, Any] = {
+        "image": sandbox.image,
+        "name": name,
+        "labels": labels,
+        "detach": True,
+        # The runner talks over its attached stdin/stdout; no network path is needed.
+        "stdin_open": True,
+        "tty": False,
+        "user": sandbox.user,
+        "init": True,
+        "network_mode": sandbox.network,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true", f"seccomp={seccomp_profile}"],
+        "read_only": True,
+        "tmpfs": {
+            "/tmp": _tmpfs(sandbox.tmp_bytes, owned=False),
+            WORKDIR: _tmpfs(sandbox.workspace_bytes, owned=True),
+            HOME: _tmpfs(sandbox.home_bytes, owned=True),
+        },
+        "mem_limit": sandbox.memory_bytes,
+        "memswap_limit": sandbox.memory_bytes,
+        "nano_cpus": int(sandbox.cpus * 1_000_000_000),
+        "pids_limit": sandbox.pids,
+        "ulimits": [
+            {"Name": "nofile", "Soft": sandbox.nofile, "Hard": sandbox.nofile},
+            {"Name": "fsize", "Soft": sandbox.max_file_size_bytes, "Hard": sandbox.max_file_size_bytes},
+            {"Name": "core", "Soft": 0, "Hard": 0},
+        ],
+        "ipc_mode": "private",
+        "shm_size": 64 * 1024 * 1024,
+        "log_config": {"Type": sandbox.log_driver, "Config": {}}
+        if sandbox.log_driver == "none"
+        else {"Type": sandbox.log_driver, "Config": {"max-size": "1m", "max-file": "1"}},
+        "restart_policy": {"Name": "no"},
+        "environment": runner_environment(sandbox),
+        "working_dir": WORKDIR,
+    }
+    if sandbox.runtime:
+        config["runtime"] = sandbox.runtime
+    return config

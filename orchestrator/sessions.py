@@ -1,0 +1,456 @@
+"""Sessions: admission, provisioning, one-at-a-time executes, listing, reconcile and reaping.
+
+The engine is the source of truth (``backends/labels.py``); the index here is a cache of it,
+rebuilt by ``reconcile`` at start-up and corrected by every reaper run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import structlog
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from .backends.base import Backend
+from .errors import CapacityExhausted, OrchestratorError, RunnerFailure, SandboxStartFailed, SessionNotFound
+from .metrics import Metrics
+from .models import Claim, ExecuteResult, SandboxInfo, SessionView, looks_like_session_id, new_session_id
+from .pool import WarmPool
+from .runner_client import RunnerClient, RunnerRefused
+from .settings import Settings
+
+log = structlog.get_logger(__name__)
+
+# Added to the execute timeout for the runner's interrupt grace, a kernel restart and the trip.
+_REPLY_SLACK = 20.0
+_OUTPUT_TYPES = Literal["stdout", "stderr", "error", "display_data", "execute_result"]
+
+
+class _RunnerOutput(BaseModel):
+    type: _OUTPUT_TYPES
+    data: str | dict[str, Any]
+
+    @model_validator(mode="after")
+    def _data_matches_type(self) -> _RunnerOutput:
+        # The SDKs' strict mode rejects a string bundle and a dict stream: so must we.
+        if isinstance(self.data, dict) != (self.type in {"display_data", "execute_result"}):
+            raise ValueError(f"{self.type} output has the wrong kind of data")
+        return self
+
+
+class _RunnerExecuteResult(BaseModel):
+    """The runner's execute result, validated: it comes from inside the sandbox."""
+
+    outputs: list[_RunnerOutput]
+    outcome: str = Field(max_length=32)
+    state_lost: bool = False
+    error_summary: str | None = Field(None, max_length=4096)
+    dropped_bytes: dict[str, int] = Field(default_factory=dict)
+
+
+@dataclass
+class Session:
+    """A live session and the channel to its runner."""
+
+    claim: Claim
+    sandbox: SandboxInfo
+    client: RunnerClient
+    execute_count: int = 0
+    last_execute_at: float | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: int = 0
+    gone: str | None = None
+    """Why the session ended (expired, idle, lost, closed); set before its container is removed."""
+
+    @property
+    def session_id(self) -> str:
+        return self.claim.session_id
+
+    def view(self) -> SessionView:
+        return SessionView(
+            session_id=self.session_id,
+            execute_count=self.execute_count,
+            started_at=self.claim.started_at,
+            last_execute_at=self.last_execute_at or self.claim.started_at,
+            expires_at=self.claim.expires_at,
+        )
+
+
+@dataclass
+class ReapReport:
+    """What one reaper run removed, by reason."""
+
+    removed: Counter[str] = field(default_factory=Counter)
+    skipped: str | None = None
+
+
+class SessionManager:
+    """Owns every session of this instance; the API calls ``execute``, ``list`` and ``close``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._backend = backend
+        self._metrics = metrics
+        self._clock = clock
+        self._sessions: dict[str, Session] = {}
+        self._pending: Counter[str] = Counter()
+        self._create_slots = asyncio.Semaphore(settings.max_concurrent_creates)
+        self.pool = WarmPool(settings, backend, metrics, has_room=self._pool_has_room)
+        self._reap_lock = asyncio.Lock()
+
+    # -- capacity ------------------------------------------------------------------------------
+
+    def _in_use(self) -> int:
+        return len(self._sessions) + sum(self._pending.values())
+
+    def _pool_has_room(self) -> bool:
+        return self._in_use() + self.pool.occupancy < self._settings.max_sessions
+
+    def _admit(self, tenant: str) -> None:
+        """Reserve room for a new session or raise 429; callers must ``_pending[tenant] -= 1``."""
+        tenant_count = self._pending[tenant] + sum(1 for s in self._sessions.values() if s.claim.tenant == tenant)
+        if tenant_count >= self._settings.max_sessions_per_tenant:
+            self._metrics.admission_rejected.labels(reason="tenant_cap").inc()
+            raise CapacityExhausted(
+                f"tenant session cap reached ({self._settings.max_sessions_per_tenant} live sessions)", retry_after=5
+            )
+        # Warm containers count against the global cap, but a claim converts one rather than adding.
+        if self._in_use() + (0 if self.pool.ready_count else self.pool.occupancy) >= self._settings.max_sessions:
+            self._metrics.admission_rejected.labels(reason="global_cap").inc()
+            raise CapacityExhausted(f"server session cap reached ({self._settings.max_sessions})", retry_after=2)
+        self._pending[tenant] += 1
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Reconcile with the engine, then start filling the warm pool."""
+        await self.reconcile()
+        await self.pool.start()
+
+    async def shutdown(self) -> None:
+        """Stop the pool and close runner channels; containers stay for the next start to adopt."""
+        # A reap pass in flight would otherwise be cancelled halfway, mid Docker call.
+        async with self._reap_lock:
+            pass
+        await self.pool.close()
+        for session in list(self._sessions.values()):
+            await session.client.close()
+
+    async def reconcile(self) -> None:
+        """Adopt live claimed sandboxes, hand healthy unclaimed ones to the pool, remove the rest."""
+        try:
+            sandboxes = await self._backend.list()
+        except OrchestratorError as exc:
+            # Never remove anything on a failed listing: that is how mass kills happen.
+            log.error("reconcile_skipped", error=str(exc))
+            return
+        now = self._clock()
+        adopted = 0
+        for sandbox in sandboxes:
+            claim = sandbox.claim
+            if claim is None:
+                if not await self.pool.adopt(sandbox):
+                    await self._destroy_quietly(sandbox.sandbox_id, "stray")
+                continue
+            if claim.session_id in self._sessions:
+                continue
+            if not sandbox.running or claim.expires_at <= now:
+                await self._destroy_quietly(sandbox.sandbox_id, "expired" if sandbox.running else "dead")
+                continue
+            try:
+                client = await self._backend.connect(sandbox, timeout=10)
+                hello = await client.request("stats", {}, timeout=10)
+            except (OrchestratorError, RunnerRefused) as exc:
+                log.warning("adopt_failed", session_id=claim.session_id, error=str(exc))
+                await self._destroy_quietly(sandbox.sandbox_id, "unadoptable")
+                continue
+            session = Session(claim=claim, sandbox=sandbox, client=client)
+            count, last = hello.get("execute_count"), hello.get("last_execute_at")
+            session.execute_count = count if isinstance(count, int) and count >= 0 else 0
+            session.last_execute_at = float(last) if isinstance(last, int | float) else None
+            self._sessions[claim.session_id] = session
+            adopted += 1
+        self._metrics.sessions_active.set(len(self._sessions))
+        log.info("reconciled", adopted=adopted, pool=self.pool.ready_count, seen=len(sandboxes))
+
+    # -- API -----------------------------------------------------------------------------------
+
+    def sessions_of(self, tenant: str) -> list[SessionView]:
+        """The caller's live sessions, oldest first."""
+        now = self._clock()
+        return sorted(
+            (s.view() for s in self._sessions.values() if s.claim.tenant == tenant and self._alive(s, now)),
+            key=lambda view: view.started_at,
+        )
+
+    async def execute(
+        self,
+        tenant: str,
+        session_id: str | None,
+        code: str,
+        files: list[dict[str, str]] | None,
+        timeout: float,
+    ) -> ExecuteResult:
+        """Run ``code`` in the caller's session, starting one when ``session_id`` is None.
+
+        Raises:
+            SessionNotFound: unknown, expired or another tenant's session (nothing ran).
+            CapacityExhausted: no room for a new session or queue full (nothing ran).
+            InvalidRequest: the runner refused the files (nothing ran).
+            SandboxFailure: no sandbox could be provided (nothing ran).
+        """
+        if session_id is None:
+            session = await self._new_session(tenant)
+            try:
+                return await self._run(session, code, files, timeout, fresh=True)
+            except OrchestratorError:
+                # The caller never learns this session's id; don't leave it running.
+                await self._end(session, "closed")
+                raise
+        return await self._run(self._lookup(tenant, session_id), code, files, timeout)
+
+    async def close(self, tenant: str, session_id: str) -> None:
+        """End a session now (the ``DELETE`` extension)."""
+        await self._end(self._lookup(tenant, session_id), "closed")
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _alive(self, session: Session, now: float) -> bool:
+        if session.gone is not None or session.claim.expires_at <= now:
+            return False
+        idle = self._settings.session_idle_timeout_seconds
+        last = session.last_execute_at or session.claim.started_at
+        return not (idle and now - last >= idle and not session.lock.locked())
+
+    def _lookup(self, tenant: str, session_id: str) -> Session:
+        session = self._sessions.get(session_id) if looks_like_session_id(session_id) else None
+        if session is None or session.claim.tenant != tenant or not self._alive(session, self._clock()):
+            raise SessionNotFound(f"Session {session_id} not found or expired", param="session_id")
+        return session
+
+    async def _new_session(self, tenant: str) -> Session:
+        self._admit(tenant)
+        try:
+            now = self._clock()
+            claim = Claim(new_session_id(), tenant, now, now + self._settings.session_lifespan_seconds)
+            began = time.monotonic()
+            session = await self._from_pool(claim)
+            source = "pool"
+            if session is None:
+                session = await self._cold_start(claim)
+                source = "cold"
+            self._metrics.session_create_seconds.labels(source=source).observe(time.monotonic() - began)
+            self._sessions[claim.session_id] = session
+            self._metrics.sessions_active.set(len(self._sessions))
+            log.info("session_created", session_id=claim.session_id, tenant=tenant, source=source)
+            return session
+        finally:
+            self._pending[tenant] -= 1
+
+    async def _from_pool(self, claim: Claim) -> Session | None:
+        while (warm := self.pool.take()) is not None:
+            sandbox, client = warm
+            try:
+                claimed = await self._backend.claim(sandbox, claim)
+            except OrchestratorError as exc:
+                log.warning("pool_claim_failed", error=str(exc))
+                await client.close()
+                await self._destroy_quietly(sandbox.sandbox_id, "pool_broken")
+                continue
+            return Session(claim=claim, sandbox=claimed, client=client)
+        return None
+
+    async def _cold_start(self, claim: Claim) -> Session:
+        # Nothing has run yet, so one more container is cheaper than an error the caller must retry.
+        try:
+            return await self._start_one(claim)
+        except SandboxStartFailed as exc:
+            log.warning("sandbox_start_retry", session_id=claim.session_id, error=str(exc))
+        return await self._start_one(claim)
+
+    async def _start_one(self, claim: Claim) -> Session:
+        async with self._create_slots:
+            sandbox = await self._backend.create(claim)
+            try:
+                client = await self._backend.connect(sandbox, timeout=self._settings.runner_ready_timeout_seconds)
+                await client.request(
+                    "ready",
+                    {"timeout": self._settings.runner_ready_timeout_seconds},
+                    timeout=self._settings.runner_ready_timeout_seconds + 5,
+                )
+            except (OrchestratorError, RunnerRefused) as exc:
+                await self._destroy_quietly(sandbox.sandbox_id, "start_failed")
+                raise SandboxStartFailed(f"sandbox did not become ready: {exc}") from exc
+        return Session(claim=claim, sandbox=sandbox, client=client)
+
+    async def _run(
+        self, session: Session, code: str, files: list[dict[str, str]] | None, timeout: float, *, fresh: bool = False
+    ) -> ExecuteResult:
+        if session.waiting >= self._settings.max_queued_per_session:
+            self._metrics.admission_rejected.labels(reason="queue_full").inc()
+            raise CapacityExhausted("too many executes queued on this session", retry_after=1)
+        session.waiting += 1
+        try:
+            await session.lock.acquire()
+        finally:
+            session.waiting -= 1
+        try:
+            # A session made for this request runs its first code even if starting it took long.
+            if not fresh and not self._alive(session, self._clock()):
+                raise SessionNotFound(f"Session {session.session_id} not found or expired", param="session_id")
+            if session.client.closed:
+                await self._reconnect(session)
+            return await self._send(session, code, files, timeout)
+        finally:
+            session.lock.release()
+
+    async def _reconnect(self, session: Session) -> None:
+        try:
+            session.client = await self._backend.connect(session.sandbox, timeout=10)
+        except OrchestratorError as exc:
+            await self._end(session, "lost")
+            raise SessionNotFound(
+                f"Session {session.session_id} was lost: its sandbox stopped answering", param="session_id"
+            ) from exc
+
+    async def _send(
+        self, session: Session, code: str, files: list[dict[str, str]] | None, timeout: float
+    ) -> ExecuteResult:
+        args: dict[str, Any] = {"code": code, "timeout": timeout}
+        if files:
+            args["files"] = files
+        began = time.monotonic()
+        try:
+            raw = await session.client.request("execute", args, timeout=timeout + _REPLY_SLACK)
+        except RunnerRefused as exc:
+            if exc.code == "kernel_not_ready":
+                # Nothing ran, and nothing will: a 404 ends the caller's retries on this session.
+                await self._end(session, "lost")
+                raise SessionNotFound(
+                    f"Session {session.session_id} was lost: its kernel cannot start ({exc.message})",
+                    param="session_id",
+                ) from exc
+            raise exc.to_error() from exc
+        except RunnerFailure as exc:
+            return await self._failed_mid_execute(session, str(exc))
+        try:
+            result = _RunnerExecuteResult.model_validate(raw)
+        except ValidationError:
+            return await self._failed_mid_execute(session, "the sandbox sent a malformed reply")
+        session.execute_count += 1
+        session.last_execute_at = self._clock()
+        self._metrics.executions.labels(outcome=result.outcome if result.outcome in _KNOWN else "other").inc()
+        self._metrics.execute_seconds.observe(time.monotonic() - began)
+        return ExecuteResult(
+            session_id=session.session_id,
+            outputs=[o.model_dump() for o in result.outputs],
+            error_summary=result.error_summary,
+            outcome=result.outcome,
+            state_lost=result.state_lost,
+            dropped_bytes=result.dropped_bytes,
+        )
+
+    async def _failed_mid_execute(self, session: Session, detail: str) -> ExecuteResult:
+        """The code may have run: answer 200 with what happened, and end the session."""
+        reason = session.gone or "lost"
+        if reason in {"expired", "idle"}:
+            message = (
+                f"SessionExpired: session {session.session_id} reached the end of its lifespan while this "
+                "code was running; its sandbox was removed. Start a new session."
+            )
+        else:
+            message = (
+                f"SandboxError: the session's sandbox failed while running this code ({detail}). "
+                "The session has ended; start a new session."
+            )
+            await self._end(session, "lost")
+        self._metrics.executions.labels(outcome="sandbox_lost").inc()
+        return ExecuteResult(
+            session_id=session.session_id,
+            outputs=[{"type": "error", "data": message}],
+            error_summary=message.split(":", 1)[0],
+            outcome="sandbox_lost",
+            state_lost=True,
+        )
+
+    async def _end(self, session: Session, reason: str) -> None:
+        if session.gone is None:
+            session.gone = reason
+        if self._sessions.get(session.session_id) is session:
+            del self._sessions[session.session_id]
+        self._metrics.sessions_active.set(len(self._sessions))
+        await session.client.close()
+        await self._destroy_quietly(session.sandbox.sandbox_id, reason)
+
+    async def _destroy_quietly(self, sandbox_id: str, reason: str) -> bool:
+        try:
+            await self._backend.destroy(sandbox_id)
+        except OrchestratorError as exc:
+            log.warning("destroy_failed", sandbox=sandbox_id[:12], reason=reason, error=str(exc))
+            return False
+        self._metrics.removed.labels(reason=reason).inc()
+        return True
+
+    # -- reaper policy -------------------------------------------------------------------------
+
+    async def reap(self) -> ReapReport:
+        """One reaper pass; see ``reaper.py`` for the schedule. Safe to race executes."""
+        report = ReapReport()
+        if self._reap_lock.locked():
+            report.skipped = "already running"
+            return report
+        async with self._reap_lock:
+            now = self._clock()
+            for session in list(self._sessions.values()):
+                if not self._alive(session, now):
+                    reason = "expired" if session.claim.expires_at <= now else (session.gone or "idle")
+                    session.gone = session.gone or reason
+                    await self._end(session, reason)
+                    report.removed[reason] += 1
+            try:
+                sandboxes = await self._backend.list()
+            except OrchestratorError as exc:
+                report.skipped = f"listing failed: {exc}"
+                return report
+            seen = {s.sandbox_id for s in sandboxes}
+            for session in list(self._sessions.values()):
+                if session.sandbox.sandbox_id not in seen:
+                    await self._end(session, "vanished")
+                    report.removed["vanished"] += 1
+            known = {s.sandbox.sandbox_id for s in self._sessions.values()} | self.pool.sandbox_ids()
+            for sandbox in sandboxes:
+                if sandbox.sandbox_id in known:
+                    owner = self._session_for(sandbox.sandbox_id)
+                    if owner is not None and not sandbox.running:
+                        await self._end(owner, "dead")
+                        report.removed["dead"] += 1
+                    continue
+                young = now - sandbox.created_at < self._settings.orphan_grace_seconds
+                # Young means possibly mid-start (created, not yet running, not yet indexed).
+                if young:
+                    continue
+                if await self._destroy_quietly(sandbox.sandbox_id, "orphan"):
+                    report.removed["orphan"] += 1
+            report.removed.update(await self.pool.prune(sandboxes, now))
+        return report
+
+    def _session_for(self, sandbox_id: str) -> Session | None:
+        for session in self._sessions.values():
+            if session.sandbox.sandbox_id == sandbox_id:
+                return session
+        return None
+
+
+_KNOWN = frozenset({"ok", "error", "timeout", "oom", "kernel_died", "not_run"})

@@ -1,0 +1,150 @@
+"""Configuration: one ``Settings`` object, read from ``ORCH_*`` environment variables.
+
+Build it once (``__main__`` does) and pass it down; nothing reads the environment anywhere else.
+Every field is listed, with its variable, in the README's configuration table and in
+``deploy/orchestrator.env.example``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class SandboxSettings(BaseModel):
+    """How each session container is built. Limits apply per session."""
+
+    image: str = "tci-sandbox:latest"
+    memory_bytes: int = Field(1024 * MiB, ge=128 * MiB)
+    """Memory limit; swap is disabled by setting memory+swap to the same value."""
+    cpus: float = Field(1.0, gt=0)
+    pids: int = Field(256, ge=32)
+    tmp_bytes: int = Field(128 * MiB, ge=MiB)
+    """Size of /tmp (tmpfs, charged to the memory limit)."""
+    workspace_bytes: int = Field(256 * MiB, ge=MiB)
+    """Size of the working directory /workspace (tmpfs, charged to the memory limit)."""
+    home_bytes: int = Field(256 * MiB, ge=MiB)
+    """Size of the home directory, where `!pip install` puts packages (tmpfs)."""
+    nofile: int = Field(4096, ge=64)
+    max_file_size_bytes: int = Field(512 * MiB, ge=MiB)
+    network: str = "none"
+    """Docker network mode; anything but "none" gives sessions egress (e.g. for `!pip install`)."""
+    runtime: str | None = None
+    """OCI runtime such as "runsc" (gVisor); None uses the engine's default."""
+    log_driver: str = "none"
+    """The runner's stdout is the protocol channel, so the default keeps user output off disk."""
+    user: str = "10001:10001"
+    seccomp_profile: Path | None = None
+    """A seccomp JSON file; None uses the profile shipped with the orchestrator."""
+    max_stream_bytes: int = Field(1 * MiB, ge=1024)
+    """Per-execute cap on stdout and on stderr, enforced inside the sandbox."""
+    max_output_bytes: int = Field(8 * MiB, ge=1024)
+    """Per-execute cap on all outputs together, images included."""
+
+    @field_validator("user")
+    @classmethod
+    def _not_root(cls, value: str) -> str:
+        if value.split(":")[0] in {"0", "root"}:
+            raise ValueError("sandboxes must not run as root")
+        return value
+
+    def profile_key(self) -> str:
+        """A short digest of everything that makes two sandboxes interchangeable (pool matching)."""
+        digest = hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+        return digest[:12]
+
+
+class Settings(BaseSettings):
+    """The orchestrator's settings; see the README for the table of variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ORCH_",
+        env_nested_delimiter="__",
+        env_file=None,
+        env_ignore_empty=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    mode: Literal["dev", "production"] = "dev"
+    """dev: any bearer key works and names its own tenant. production: only configured keys."""
+    api_keys: dict[str, str] = Field(default_factory=dict)
+    """API key -> tenant, e.g. ORCH_API_KEYS='{"sk-abc": "team-a"}'."""
+    api_keys_file: Path | None = None
+    """A JSON file with the same mapping (merged over ``api_keys``)."""
+    backend: Literal["docker", "local"] = "docker"
+    """local runs sandboxes as plain child processes WITHOUT isolation: tests and hacking only."""
+    instance: str = "default"
+    """Name of this deployment; containers of other instances on the same engine are left alone."""
+
+    session_lifespan_seconds: float = Field(3600, gt=0)
+    session_idle_timeout_seconds: float = Field(0, ge=0)
+    """0 disables the idle timeout."""
+    execute_timeout_seconds: float = Field(30, gt=0)
+    """Wall-clock limit of one execute; below the 2.x SDK's 60 s read timeout on purpose."""
+    max_sessions: int = Field(64, ge=1)
+    """Global cap on live sessions plus warm-pool containers."""
+    max_sessions_per_tenant: int = Field(32, ge=1)
+    max_queued_per_session: int = Field(16, ge=1)
+    """Executes waiting behind a running one on the same session before 429."""
+    max_body_bytes: int = Field(16 * MiB, ge=1024)
+    max_concurrent_creates: int = Field(4, ge=1)
+    """Containers starting at once; more wait their turn."""
+
+    pool_size: int = Field(2, ge=0)
+    """Warm containers kept ready per profile; 0 turns the pool off."""
+    pool_max_age_seconds: float = Field(1800, gt=0)
+
+    reaper_interval_seconds: float = Field(15, gt=0)
+    orphan_grace_seconds: float = Field(60, ge=0)
+    """Unaccounted containers younger than this are left alone (they may be starting)."""
+
+    runner_ready_timeout_seconds: float = Field(60, gt=0)
+    max_frame_bytes: int = Field(64 * MiB, ge=MiB)
+    docker_max_concurrent_calls: int = Field(16, ge=1)
+
+    log_format: Literal["json", "console"] = "json"
+    log_level: str = "INFO"
+    test_run_label: str | None = None
+    """Extra label value put on every container (test suites clean up by it)."""
+
+    sandbox: SandboxSettings = SandboxSettings()
+
+    @field_validator("instance")
+    @classmethod
+    def _instance_name(cls, value: str) -> str:
+        if not TENANT_PATTERN.match(value):
+            raise ValueError("instance must match [A-Za-z0-9_-]{1,64}")
+        return value
+
+    @model_validator(mode="after")
+    def _production_needs_keys(self) -> Settings:
+        if self.mode == "production" and not self.key_map():
+            raise ValueError("production mode needs ORCH_API_KEYS or ORCH_API_KEYS_FILE")
+        if self.mode == "production" and self.backend != "docker":
+            raise ValueError("the local backend has no isolation and is refused in production mode")
+        for tenant in self.key_map().values():
+            if not TENANT_PATTERN.match(tenant):
+                raise ValueError(f"tenant {tenant!r} must match [A-Za-z0-9_-]{{1,64}}")
+        return self
+
+    def key_map(self) -> dict[str, str]:
+        """Configured API key -> tenant."""
+        keys = dict(self.api_keys)
+        if self.api_keys_file is not None:
+            loaded = json.loads(self.api_keys_file.read_text())
+            if not isinstance(loaded, dict):
+                raise ValueError("the API keys file must hold a JSON object of key -> tenant")
+            keys.update({str(k): str(v) for k, v in loaded.items()})
+        return keys
