@@ -1,0 +1,106 @@
+"""Session behaviour through the API: queueing, expiry and reaping, tenant caps."""
+
+from __future__ import annotations
+
+import ast
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from api_support import KEY_A, KEY_B, App, auth, canary, check_error, running_app, stdout_of
+
+Waiter = Callable[..., Any]
+
+
+def process_running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_concurrent_executes_on_one_session_queue(app: App) -> None:
+    key = "api-tests-queue"
+    session_id = app.execute(key, "import time\nspans = []")["session_id"]
+    # The sleep is in the user code: it keeps the first execute busy while the second arrives.
+    code = "began = time.monotonic()\ntime.sleep(0.5)\nspans.append((began, time.monotonic()))"
+    barrier = threading.Barrier(2)
+    results: list[tuple[float, float, Any] | None] = [None, None]
+
+    def send(index: int) -> None:
+        barrier.wait(timeout=10)
+        sent = time.monotonic()
+        response = app.client.post("/tci/execute", json={"code": code, "session_id": session_id}, headers=auth(key))
+        results[index] = (sent, time.monotonic(), response)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(result is not None for result in results)
+    done = [result for result in results if result is not None]
+    for _, _, response in done:
+        assert response.status_code == 200, response.text  # queued: neither 409 nor 429
+        assert response.json()["data"]["session_id"] == session_id
+    # Both requests were in flight at the same time ...
+    assert max(sent for sent, _, _ in done) < min(received for _, received, _ in done)
+    # ... and their code ran one after the other.
+    spans = ast.literal_eval(stdout_of(app.execute(key, "print(spans)", session_id)))
+    assert len(spans) == 2
+    (_, first_end), (second_start, _) = sorted(spans)
+    assert first_end <= second_start
+    (listed,) = app.sessions(key)
+    assert listed["execute_count"] == 4
+
+
+def test_expired_session_disappears_and_its_sandbox_is_reaped(wait_until: Waiter, tmp_path: Path) -> None:
+    # A warm sandbox: the 2 s lifespan starts at the claim, so it is not eaten by a kernel cold start.
+    with running_app(session_lifespan_seconds=2, reaper_interval_seconds=0.2, pool_size=1) as app:
+        wait_until(
+            lambda: app.client.get("/readyz").json()["checks"]["pool"]["ready"] == 1,
+            timeout=30,
+            message="the warm pool holds a ready sandbox",
+        )
+        data = app.execute(KEY_A, "import os\ncounter = 0\nprint(os.getpid(), os.getppid())")
+        session_id = data["session_id"]
+        kernel_pid, runner_pid = map(int, stdout_of(data).split())
+        sandbox_id = f"local-{runner_pid}"
+        assert sandbox_id in [s.sandbox_id for s in app.sandboxes()]
+        assert [s["id"] for s in app.sessions(KEY_A)] == [session_id]
+
+        wait_until(lambda: app.sessions(KEY_A) == [], timeout=10, message="the session leaves the list")
+        marker = tmp_path / "ran"
+        body = {"code": canary(marker), "session_id": session_id}
+        check_error(app.client.post("/tci/execute", json=body, headers=auth(KEY_A)), 404, "session_not_found")
+        wait_until(
+            lambda: sandbox_id not in [s.sandbox_id for s in app.sandboxes()],
+            timeout=10,
+            message="the reaper removes the sandbox",
+        )
+        wait_until(
+            lambda: not process_running(runner_pid) and not process_running(kernel_pid),
+            timeout=10,
+            message="the runner and kernel processes are gone",
+        )
+        assert not marker.exists()
+
+
+def test_tenant_cap_refuses_new_sessions_with_429(tmp_path: Path) -> None:
+    with running_app(max_sessions_per_tenant=1) as app:
+        session_id = app.execute(KEY_A, "n = 1")["session_id"]
+        marker = tmp_path / "ran"
+        response = app.client.post("/tci/execute", json={"code": canary(marker)}, headers=auth(KEY_A))
+        check_error(response, 429, "rate_limit_exceeded")
+        assert int(response.headers["retry-after"]) >= 1
+        assert not marker.exists()
+        assert len(app.sandboxes()) == 1
+        assert [s["id"] for s in app.sessions(KEY_A)] == [session_id]
+        # The existing session still works, and the cap is per tenant.
+        assert stdout_of(app.execute(KEY_A, "print(n)", session_id)) == "1\n"
+        assert stdout_of(app.execute(KEY_B, "print('b')")) == "b\n"
+        assert len(app.sandboxes()) == 2

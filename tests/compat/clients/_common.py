@@ -1,0 +1,91 @@
+"""Shared by the client scripts, which run inside an SDK virtualenv (never imported by pytest).
+
+Each script adapts one SDK generation to ``execute(code, session_id=None, files=None) -> dict``
+(the response read back through the SDK's own typed objects) and runs the scenario named on
+the command line. Configuration comes from the environment: ``TCI_BASE_URL`` and
+``TOGETHER_API_KEY``. The result is printed as one JSON line prefixed with ``RESULT_PREFIX``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+RESULT_PREFIX = "TCI-COMPAT-RESULT: "
+MISSING_SESSION = "ses_doesNotExist0123456789"
+MYSCRIPT = "print('Hello from inside myscript.py!')\n"
+# The docs' package example: install with pip inside the session, then use the package.
+NUMPY_CODE = """!pip install numpy
+import numpy as np
+matrix = np.array([[1, 2], [3, 4]])
+eigenvalues = np.linalg.eigvals(matrix)
+print("Eigenvalues:", eigenvalues)
+"""
+PLOT_CODE = "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()"
+
+Execute = Callable[..., dict[str, Any]]
+
+
+def scenario_hello(execute: Execute) -> dict[str, Any]:
+    return {"first": execute("print('Hello, world!')")}
+
+
+def scenario_state(execute: Execute) -> dict[str, Any]:
+    first = execute("x = 42")
+    second = execute("print(x)", session_id=first["session_id"])
+    return {"first": first, "second": second}
+
+
+def scenario_numpy(execute: Execute) -> dict[str, Any]:
+    return {"first": execute(NUMPY_CODE)}
+
+
+def scenario_upload(execute: Execute) -> dict[str, Any]:
+    files = [{"name": "myscript.py", "encoding": "string", "content": MYSCRIPT}]
+    return {"first": execute("!python myscript.py", files=files)}
+
+
+def scenario_plot(execute: Execute) -> dict[str, Any]:
+    return {"first": execute(PLOT_CODE)}
+
+
+def scenario_error(execute: Execute) -> dict[str, Any]:
+    return {"first": execute("1/0")}
+
+
+def scenario_notfound(execute: Execute, not_found_error: type[BaseException]) -> dict[str, Any]:
+    try:
+        response = execute("print('must not run')", session_id=MISSING_SESSION)
+    except Exception as exc:  # noqa: BLE001 - which exception is the result
+        return {
+            "raised": f"{type(exc).__module__}.{type(exc).__qualname__}",
+            "is_sdk_not_found_error": isinstance(exc, not_found_error),
+            "message": str(exc)[:2000],
+        }
+    return {"raised": None, "first": response}
+
+
+SCENARIOS: dict[str, Callable[[Execute], dict[str, Any]]] = {
+    "hello": scenario_hello,
+    "state": scenario_state,
+    "numpy": scenario_numpy,
+    "upload": scenario_upload,
+    "plot": scenario_plot,
+    "error": scenario_error,
+}
+NAMES = [*SCENARIOS, "notfound"]
+
+
+def run_scenario(name: str, execute: Execute, not_found_error: type[BaseException]) -> dict[str, Any]:
+    """Run the scenario called ``name``; ``not_found_error`` is what this SDK raises for a 404."""
+    if name == "notfound":
+        return scenario_notfound(execute, not_found_error)
+    return SCENARIOS[name](execute)
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print the result where the test finds it, whatever else the SDK printed."""
+    sys.stdout.write("\n" + RESULT_PREFIX + json.dumps(result) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,56 @@
+"""Drive the server with the 1.x SDK: ``python v1_client.py SCENARIO``.
+
+``client.code_interpreter.run(...)``. Every HTTP request the SDK sends through ``requests`` is
+recorded, so retries would show up as extra requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from _common import NAMES, emit, run_scenario
+from together import Together
+from together.error import InvalidRequestError
+
+REQUESTS: list[dict[str, Any]] = []
+_original_request = requests.Session.request
+
+
+def _recording_request(self: requests.Session, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+    response = _original_request(self, method, url, *args, **kwargs)
+    REQUESTS.append({"method": method.upper(), "path": urlsplit(url).path, "status": response.status_code})
+    return response
+
+
+requests.Session.request = _recording_request  # type: ignore[method-assign]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario", choices=NAMES)
+    args = parser.parse_args()
+    client = Together(api_key=os.environ["TOGETHER_API_KEY"], base_url=os.environ["TCI_BASE_URL"])
+
+    def execute(code: str, session_id: str | None = None, files: list[dict[str, str]] | None = None) -> dict[str, Any]:
+        response = client.code_interpreter.run(code=code, language="python", session_id=session_id, files=files)
+        return {
+            "class": type(response).__name__,
+            "session_id": response.data.session_id,
+            "status": response.data.status,
+            "outputs": [{"type": o.type, "data": o.data, "model": type(o).__name__} for o in response.data.outputs],
+            "data_errors": response.data.errors,
+        }
+
+    result = run_scenario(args.scenario, execute, InvalidRequestError)
+    result["requests"] = REQUESTS
+    result["sdk"] = importlib.metadata.version("together")
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

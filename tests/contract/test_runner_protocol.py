@@ -1,0 +1,286 @@
+"""The runner protocol contract: the orchestrator's ``RunnerClient`` against the real runner.
+
+The two sides keep separate copies of the framing (they ship in different images), so this test
+is what keeps them from drifting: same constants, same bytes on the wire, and the real client
+driving the real runner, including resynchronising on a stream that it joins mid-conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sandbox_runner
+from sandbox_runner import protocol
+from sandbox_runner.protocol import ok
+
+from orchestrator import runner_client
+from orchestrator.errors import InvalidRequest, RunnerFailure
+from orchestrator.runner_client import RunnerClient, RunnerRefused
+
+pytestmark = pytest.mark.anyio
+
+MAX_FRAME = 64 * 1024 * 1024
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@contextlib.asynccontextmanager
+async def spawn_runner(root: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -s -m sandbox_runner`` with its writable directories under ``root``; raw pipes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TCI_", "JPY_"))}
+    for var, name in {
+        "TCI_RUNNER_WORKDIR": "workspace",
+        "IPYTHONDIR": "ipython",
+        "JUPYTER_RUNTIME_DIR": "runtime",
+        "MPLCONFIGDIR": "mpl",
+        "PYTHONUSERBASE": "userbase",
+        "XDG_CACHE_HOME": "cache",
+    }.items():
+        env[var] = str(root / name)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-s",
+        "-m",
+        "sandbox_runner",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=env,
+        limit=MAX_FRAME,
+    )
+    try:
+        yield process
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), 15)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            pytest.fail("the runner did not exit when its stdin closed")
+
+
+@pytest.fixture
+async def runner_process(tmp_path: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    async with spawn_runner(tmp_path) as process:
+        yield process
+
+
+def pipes(process: asyncio.subprocess.Process) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    assert process.stdout is not None
+    assert process.stdin is not None
+    return process.stdout, process.stdin
+
+
+class KeepOpen:
+    """A writer for a client that will be abandoned: closing the client must not close the pipe."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+
+    def write(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    def close(self) -> None:
+        pass
+
+
+async def forward(source: asyncio.StreamReader, sink: asyncio.StreamReader) -> None:
+    """Copy a stream into a reader that already holds other bytes."""
+    while chunk := await source.read(65536):
+        sink.feed_data(chunk)
+    sink.feed_eof()
+
+
+def test_constants_match() -> None:
+    assert runner_client.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
+    assert runner_client.HEADER.format == protocol.HEADER.format
+    assert runner_client.SYNC_MARKER == protocol.SYNC_MARKER
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"id": "r1", "op": "execute", "args": {"code": "print('héllo ☃')", "timeout": 5}},
+        {"id": "r2", "ok": True, "result": {"outputs": [{"type": "stdout", "data": "lone \udcff surrogate"}]}},
+    ],
+    ids=["request", "reply-with-surrogate"],
+)
+def test_both_sides_frame_identically(message: dict[str, Any]) -> None:
+    frame = runner_client.encode_frame(message)
+    assert frame == protocol.encode_frame(message)
+    (length,) = protocol.HEADER.unpack(frame[:4])
+    assert length == len(frame) - 4
+    json.loads(frame[4:].decode("utf-8"))  # strict UTF-8: surrogates were replaced
+
+
+async def test_client_drives_the_real_runner(runner_process: asyncio.subprocess.Process) -> None:
+    client = RunnerClient(*pipes(runner_process), max_frame_bytes=MAX_FRAME)
+    hello = await client.connect(timeout=30)
+    assert hello["protocol"] == protocol.PROTOCOL_VERSION
+    assert hello["version"] == sandbox_runner.__version__
+    assert hello["execute_count"] == 0
+    ready = await client.request("ready", {"timeout": 30}, timeout=35)
+    assert ready["kernel_ready"] is True
+    result = await client.request("execute", {"code": "x = 6 * 7\nprint(x)\nx", "timeout": 10}, timeout=30)
+    assert result["outcome"] == "ok"
+    assert result["outputs"] == [
+        {"type": "stdout", "data": "42\n"},
+        {"type": "execute_result", "data": {"text/plain": "42"}},
+    ]
+    assert set(result) == {
+        "outputs",
+        "outcome",
+        "state_lost",
+        "execution_count",
+        "error_summary",
+        "dropped_bytes",
+        "duration_ms",
+    }
+    with pytest.raises(RunnerRefused) as caught:
+        await client.request("execute", {"code": "x = 0", "files": [{"name": "/abs", "content": ""}]}, timeout=10)
+    error = caught.value.to_error()
+    assert isinstance(error, InvalidRequest)
+    assert (error.code, error.param) == ("invalid_file", "files[0].name")
+    stats = await client.request("stats", {}, timeout=10)
+    assert stats["execute_count"] == 1
+    assert stats["last_execute_at"] >= stats["started_at"]
+    assert await client.request("interrupt", {}, timeout=10) == {}
+    await client.close()
+    assert client.closed
+
+
+async def test_resync_skips_garbage_forgeries_and_a_partial_frame(runner_process: asyncio.subprocess.Process) -> None:
+    reader, writer = pipes(runner_process)
+    # A reply nobody reads: it is in the stream ahead of the new client's hello reply.
+    writer.write(protocol.encode_frame({"id": "old-1", "op": "execute", "args": {"code": "print('x' * 200000)"}}))
+    await writer.drain()
+    assert len(await reader.readexactly(10)) == 10  # start reading it, then walk away mid-frame
+    stream = asyncio.StreamReader(limit=MAX_FRAME)
+    stream.feed_data(
+        b"\x00\x00\x00\x05hello\xff\xfe garbage "
+        + protocol.sync_line("someone-elses-nonce")
+        + protocol.encode_frame({"id": "r1", "ok": True, "result": {"protocol": 1, "forged": True}})
+        + protocol.HEADER.pack(10**9)[:3]
+    )
+    pump = asyncio.create_task(forward(reader, stream))
+    try:
+        client = RunnerClient(stream, writer, max_frame_bytes=MAX_FRAME)
+        hello = await client.connect(timeout=30)
+        assert "forged" not in hello
+        assert hello["protocol"] == protocol.PROTOCOL_VERSION
+        await client.request("ready", {"timeout": 30}, timeout=35)
+        result = await client.request("execute", {"code": "print('synced')", "timeout": 10}, timeout=30)
+        assert result["outputs"] == [{"type": "stdout", "data": "synced\n"}]
+        assert not client.closed
+        await client.close()
+    finally:
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump
+
+
+async def test_reattach_during_an_execute_ignores_the_stale_reply(
+    runner_process: asyncio.subprocess.Process, tmp_path: Path
+) -> None:
+    reader, writer = pipes(runner_process)
+    first = RunnerClient(reader, KeepOpen(writer), max_frame_bytes=MAX_FRAME, name="first")  # type: ignore[arg-type]
+    await first.connect(timeout=30)
+    started = tmp_path / "workspace" / "started"
+    slow = asyncio.create_task(
+        first.request(
+            "execute",
+            {"code": "import time\nopen('started', 'w').close()\ntime.sleep(1)\nprint('stale')", "timeout": 10},
+            timeout=30,
+        )
+    )
+    deadline = time.monotonic() + 20
+    while not started.exists():
+        assert time.monotonic() < deadline, "the first execute never started"
+        await asyncio.sleep(0.02)
+    # The orchestrator restarts: the old connection is gone, the execute it sent is still running.
+    slow.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await slow
+    await first.close()
+
+    # The new client's requests must not be confused with the old one's, whatever ids each picked.
+    second = RunnerClient(reader, writer, max_frame_bytes=MAX_FRAME, name="second")
+    await second.connect(timeout=30)
+    result = await second.request("execute", {"code": "print('fresh')", "timeout": 10}, timeout=30)
+    assert result["outputs"] == [{"type": "stdout", "data": "fresh\n"}], "a stale reply was taken for ours"
+    await second.close()
+
+
+class ScriptedRunner:
+    """Stands in for the runner's stdin: every request written is answered by feeding ``reader``."""
+
+    def __init__(self, reader: asyncio.StreamReader, respond: Callable[[dict[str, Any]], bytes]) -> None:
+        self._reader = reader
+        self._respond = respond
+
+    def write(self, data: bytes) -> None:
+        self._reader.feed_data(self._respond(json.loads(data[protocol.HEADER.size :])))
+
+    async def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def hello_reply(request: dict[str, Any]) -> bytes:
+    result = {"protocol": protocol.PROTOCOL_VERSION}
+    return protocol.sync_line(request["args"]["nonce"]) + protocol.encode_frame(ok(request["id"], result))
+
+
+async def test_oversize_frame_fails_without_being_read() -> None:
+    reader = asyncio.StreamReader()
+    writer = ScriptedRunner(
+        reader, lambda r: protocol.sync_line(r["args"]["nonce"]) + protocol.HEADER.pack(1025) + b"rest"
+    )
+    client = RunnerClient(reader, writer, max_frame_bytes=1024)  # type: ignore[arg-type]
+    began = time.monotonic()
+    with pytest.raises(RunnerFailure, match="exceeds the 1024-byte cap"):
+        await client.connect(timeout=30)
+    assert time.monotonic() - began < 5, "it failed on the header, not by waiting for the body"
+    assert client.closed
+    assert await reader.readexactly(4) == b"rest", "the announced body was not read"
+
+
+async def test_oversize_reply_after_connect_fails_the_request() -> None:
+    reader = asyncio.StreamReader()
+    writer = ScriptedRunner(
+        reader, lambda r: hello_reply(r) if r["op"] == "hello" else protocol.HEADER.pack(10**8) + b"rest"
+    )
+    client = RunnerClient(reader, writer, max_frame_bytes=1024)  # type: ignore[arg-type]
+    await client.connect(timeout=10)
+    with pytest.raises(RunnerFailure, match="stream ended"):
+        await client.request("stats", {}, timeout=10)
+    assert client.closed
+    assert await reader.readexactly(4) == b"rest", "the announced body was not read"
+
+
+async def test_runner_hangs_up_on_an_oversize_request(runner_process: asyncio.subprocess.Process) -> None:
+    reader, writer = pipes(runner_process)
+    writer.write(protocol.HEADER.pack(protocol.MAX_REQUEST_BYTES + 1) + b"{}")
+    await writer.drain()
+    # Without a frame boundary nothing after this can be trusted: the runner exits instead of reading on.
+    assert await asyncio.wait_for(reader.read(), 20) == b""
+    assert await asyncio.wait_for(runner_process.wait(), 20) == 0

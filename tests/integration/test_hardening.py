@@ -1,0 +1,91 @@
+"""A session container runs with the full hardening set (read off `docker inspect`)."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+
+from .conftest import execute, our_containers
+
+pytestmark = pytest.mark.docker
+
+
+def test_session_container_is_hardened(api, docker_client, run_id):
+    execute(api, "x = 1")
+    [container] = our_containers(docker_client, run_id)
+    attrs = docker_client.api.inspect_container(container.id)
+    host = attrs["HostConfig"]
+    assert host["ReadonlyRootfs"] is True
+    assert host["CapDrop"] == ["ALL"]
+    assert not host.get("CapAdd")
+    assert host["Privileged"] is False
+    assert "no-new-privileges:true" in host["SecurityOpt"]
+    seccomp = next(opt for opt in host["SecurityOpt"] if opt.startswith("seccomp="))
+    shipped = json.loads(resources.files("orchestrator.backends").joinpath("seccomp.json").read_text())
+    assert json.loads(seccomp.removeprefix("seccomp=")) == shipped
+    assert host["NetworkMode"] == "none"
+    assert host["Init"] is True
+    assert host["PidsLimit"] == 256
+    assert host["Memory"] > 0
+    assert host["MemorySwap"] == host["Memory"]
+    assert host["NanoCpus"] == 1_000_000_000
+    assert host["IpcMode"] == "private"
+    assert set(host["Tmpfs"]) == {"/tmp", "/workspace", "/home/sandbox"}
+    assert all("size=" in options for options in host["Tmpfs"].values())
+    assert {u["Name"] for u in host["Ulimits"]} >= {"nofile", "fsize", "core"}
+    assert host["LogConfig"]["Type"] == "none"
+    assert host["RestartPolicy"]["Name"] == "no"
+    assert attrs["Config"]["User"] == "10001:10001"
+    assert not attrs["Mounts"], "no bind mounts, and never the Docker socket"
+    assert not host.get("Binds")
+    env_names = {entry.split("=", 1)[0] for entry in attrs["Config"]["Env"]}
+    assert not {n for n in env_names if any(s in n.upper() for s in ("KEY", "TOKEN", "SECRET", "PASSWORD"))}
+
+
+def test_seccomp_profile_denies_dangerous_calls():
+    profile = json.loads(resources.files("orchestrator.backends").joinpath("seccomp.json").read_text())
+    assert profile["defaultAction"] == "SCMP_ACT_ERRNO"
+    allowed = {
+        name
+        for rule in profile["syscalls"]
+        if rule["action"] == "SCMP_ACT_ALLOW" and "args" not in rule
+        for name in rule["names"]
+    }
+    for name in (
+        "io_uring_setup",
+        "io_uring_enter",
+        "keyctl",
+        "add_key",
+        "bpf",
+        "unshare",
+        "mount",
+        "setns",
+        "ptrace",
+        "userfaultfd",
+        "perf_event_open",
+        "kexec_load",
+        "init_module",
+        "process_vm_readv",
+    ):
+        assert name not in allowed, name
+
+
+def test_sandbox_user_cannot_escalate(api):
+    data = execute(
+        api,
+        "import os, subprocess\n"
+        "print(os.getuid(), os.getgid())\n"
+        "root = [line.split() for line in open('/proc/mounts') if line.split()[1] == '/'][0]\n"
+        "print('rootfs', root[3].split(',')[0])\n"
+        "r = subprocess.run(['unshare', '-U', 'true'], capture_output=True)\nprint('unshare', r.returncode)\n"
+        "import socket\n"
+        "try:\n    socket.create_connection(('1.1.1.1', 80), timeout=2)\n"
+        "except OSError as e:\n    print('net', type(e).__name__)\n",
+    )
+    out = "".join(o["data"] for o in data["outputs"] if o["type"] == "stdout")
+    assert out.startswith("10001 10001")
+    assert "rootfs ro" in out
+    assert "unshare 0" not in out
+    assert "net " in out

@@ -1,0 +1,119 @@
+"""Restart adoption, the reaper and the warm pool on the real engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from orchestrator.app import create_app
+from orchestrator.backends import labels
+
+from .conftest import AUTH, IMAGE, execute, our_containers, text_of, wait_for
+
+pytestmark = pytest.mark.docker
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serve(run_id: str, port: int, log) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "ORCH_BACKEND": "docker",
+        "ORCH_INSTANCE": run_id,
+        "ORCH_TEST_RUN_LABEL": run_id,
+        "ORCH_POOL_SIZE": "0",
+        "ORCH_LOG_FORMAT": "console",
+        "ORCH_SANDBOX__IMAGE": IMAGE,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            assert process.poll() is None, "server exited"
+            return False
+
+    wait_for(healthy, 60, "the server to become ready")
+    return process
+
+
+def test_sigkill_restart_keeps_sessions_and_leaves_nothing_unaccounted(docker_client, run_id, tmp_path):
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}/v1/tci"
+    with open(tmp_path / "server.log", "wb") as log:
+        first = _serve(run_id, port, log)
+        try:
+            sid = httpx.post(f"{base}/execute", json={"code": "x = 42"}, headers=AUTH, timeout=60).json()["data"][
+                "session_id"
+            ]
+            httpx.post(f"{base}/execute", json={"code": "y = x + 1", "session_id": sid}, headers=AUTH, timeout=60)
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+        second = _serve(run_id, port, log)
+        try:
+            reply = httpx.post(
+                f"{base}/execute", json={"code": "print(x, y)", "session_id": sid}, headers=AUTH, timeout=60
+            ).json()
+            assert text_of(reply["data"], "stdout") == "42 43\n", reply
+            listed = httpx.get(f"{base}/sessions", headers=AUTH, timeout=10).json()["data"]["sessions"]
+            assert [(s["id"], s["execute_count"]) for s in listed] == [(sid, 3)]
+            containers = our_containers(docker_client, run_id)
+            assert [labels.parse_claim(c.name).session_id for c in containers] == [sid]
+        finally:
+            second.terminate()
+            second.wait(timeout=30)
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_expired_session_is_reaped_within_one_interval(docker_client, run_id, make_settings):
+    settings = make_settings(session_lifespan_seconds=3, reaper_interval_seconds=1)
+    with TestClient(create_app(settings)) as api:
+        sid = execute(api, "x = 1")["session_id"]
+        assert our_containers(docker_client, run_id)
+        wait_for(lambda: not our_containers(docker_client, run_id), 3 + 1 + 10, "the reaper to remove the container")
+        response = api.post("/tci/execute", json={"code": "print(x)", "session_id": sid}, headers=AUTH)
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "session_not_found"
+
+
+def test_stray_containers_are_removed(docker_client, run_id, make_settings):
+    settings = make_settings(reaper_interval_seconds=1, orphan_grace_seconds=0)
+    stray = docker_client.containers.create(
+        IMAGE, name=f"tci.{run_id}.pool.stray", labels=labels.make_labels(run_id, "other", 0, run_id),
+        stdin_open=True, network_mode="none",
+    )  # fmt: skip
+    with TestClient(create_app(settings)):
+        wait_for(lambda: stray.id not in {c.id for c in our_containers(docker_client, run_id)}, 15, "stray removal")
+
+
+def test_warm_pool_hands_out_ready_containers_and_refills(docker_client, run_id, make_settings):
+    with TestClient(create_app(make_settings(pool_size=1))) as api:
+        wait_for(lambda: api.get("/readyz").json()["checks"]["pool"]["ready"] == 1, 60, "the pool to fill")
+        [pooled] = our_containers(docker_client, run_id)
+        assert labels.parse_claim(pooled.name) is None
+        data = execute(api, "print('warm')")
+        assert text_of(data, "stdout") == "warm\n"
+        pooled.reload()
+        claim = labels.parse_claim(pooled.name)
+        assert claim is not None
+        assert claim.session_id == data["session_id"]
+        wait_for(lambda: api.get("/readyz").json()["checks"]["pool"]["ready"] == 1, 60, "the pool to refill")
+        assert len(our_containers(docker_client, run_id)) == 2
+        metrics = api.get("/metrics").text
+        assert 'tci_pool_claims_total{result="hit"} 1.0' in metrics

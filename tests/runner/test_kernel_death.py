@@ -1,0 +1,114 @@
+"""A kernel that dies (signal, exit, memory) is explained, restarted, and the session goes on.
+
+Every test kills a kernel, so each gets a runner of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1024 * 1024
+
+
+async def assert_fresh_kernel(runner, old_pid: int) -> None:
+    """The kernel was replaced, the old state is gone, and the new kernel works."""
+    stats = await runner.stats()
+    assert stats["kernel_pid"] not in (None, old_pid)
+    assert stats["kernel_restarts"] == 1
+    assert stats["kernel_ready"] is True
+    after = await runner.execute("print('doomed' in globals(), 6 * 7)")
+    assert after.outcome == "ok"
+    assert after.outputs == [{"type": "stdout", "data": "False 42\n"}]
+
+
+@pytest.mark.parametrize(
+    ("code", "cause"),
+    [
+        pytest.param(
+            "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", "killed by signal 11 (SIGSEGV)", id="sigsegv"
+        ),
+        pytest.param(
+            "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "killed by signal 9 (SIGKILL)", id="sigkill"
+        ),
+        pytest.param("import os\nos._exit(3)", "exited with status 3", id="exit-3"),
+    ],
+)
+async def test_kernel_death(fresh_runner, code, cause):
+    runner = fresh_runner
+    assert (await runner.execute("doomed = 1")).outcome == "ok"
+    pid = (await runner.stats())["kernel_pid"]
+    result = await runner.execute(code)
+    assert result.outcome == "kernel_died"
+    assert result.result["state_lost"] is True
+    (error,) = result.of("error")
+    assert cause in error
+    assert "state are lost" in error
+    assert result.result["error_summary"].startswith("KernelDied:")
+    assert not runner.pid_alive(pid)
+    await assert_fresh_kernel(runner, pid)
+
+
+def exited(pid: int, runner) -> bool:
+    """Whether ``pid`` is gone or a zombie whose threads have all exited, so that its parent can reap it."""
+    task_dir = Path(f"/proc/{pid}/task")
+    try:
+        return not runner.pid_alive(pid) and os.listdir(task_dir) == [str(pid)]
+    except FileNotFoundError:
+        return True
+
+
+async def test_kernel_death_between_executes(fresh_runner):
+    runner = fresh_runner
+    result = await runner.execute(
+        "import os, signal, threading\ndoomed = 1\nthreading.Timer(0.2, os.kill, (os.getpid(), signal.SIGKILL)).start()"
+    )
+    assert result.outcome == "ok"
+    before = await runner.stats()
+    pid = before["kernel_pid"]
+    await runner.wait_until(lambda: exited(pid, runner), 10, "the kernel has killed itself")
+    lost = await runner.execute("open('should-not-exist', 'w').close()")
+    assert lost.outcome == "not_run", lost.result
+    assert lost.result["state_lost"] is True
+    (error,) = lost.of("error")
+    assert "signal 9 (SIGKILL)" in error
+    assert "not run" in error
+    assert not (runner.workdir / "should-not-exist").exists()
+    assert (await runner.stats())["execute_count"] == before["execute_count"], "code that did not run is not counted"
+    await assert_fresh_kernel(runner, pid)
+
+
+async def test_memory_bomb_in_the_kernel(start_runner):
+    async with start_runner(TCI_RUNNER_KERNEL_MEMORY_BYTES=str(300 * MiB)) as runner:
+        assert (await runner.execute("doomed = 1")).outcome == "ok"
+        pid = (await runner.stats())["kernel_pid"]
+        # Paced, so that a slow watchdog poll on a loaded machine does not let it take gigabytes.
+        bomb = "import time\nhog = []\nwhile True:\n    hog.append(b'x' * (16 << 20))\n    time.sleep(0.005)"
+        result = await runner.execute(bomb, timeout=60)
+        assert result.outcome == "oom"
+        assert result.result["state_lost"] is True
+        (error,) = result.of("error")
+        assert "out of memory" in error
+        assert "limit 300 MiB" in error
+        await assert_fresh_kernel(runner, pid)
+
+
+async def test_memory_bomb_in_a_child_process(start_runner):
+    bomb = (
+        "import os, time\nprint(os.getpid(), flush=True)\nhog = []\n"
+        "while True:\n    hog.append(b'x' * (8 << 20))\n    time.sleep(0.005)\n"
+    )
+    async with start_runner(TCI_RUNNER_KERNEL_MEMORY_BYTES=str(300 * MiB)) as runner:
+        assert (await runner.execute("doomed = 1")).outcome == "ok"
+        pid = (await runner.stats())["kernel_pid"]
+        result = await runner.execute("!python bomb.py", files=[{"name": "bomb.py", "content": bomb}], timeout=60)
+        assert result.outcome == "oom", "a child's memory counts against the kernel"
+        assert "out of memory" in result.text("error")
+        bomb_pid = int(result.text("stdout").split()[0])
+        # Killed with the old kernel, before the new one started, not only by the sweep after the reply.
+        assert not runner.pid_alive(bomb_pid)
+        await assert_fresh_kernel(runner, pid)

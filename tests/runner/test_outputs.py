@@ -1,0 +1,206 @@
+"""Outputs of a real kernel as the runner reports them: streams, MIME bundles, errors, plots, shell escapes."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+pytestmark = pytest.mark.anyio
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(data: str) -> None:
+    raw = base64.b64decode(data, validate=True)
+    assert raw.startswith(PNG_MAGIC)
+    assert len(raw) > 1000, "a rendered figure is more than a header"
+
+
+async def test_state_persists_across_executes(runner):
+    first = await runner.execute("counter = 41\nimport math")
+    assert first.outcome == "ok"
+    assert first.outputs == []
+    second = await runner.execute("counter += 1\nprint(counter, math.pi > 3)")
+    assert second.outcome == "ok"
+    assert second.outputs == [{"type": "stdout", "data": "42 True\n"}]
+    assert second.result["state_lost"] is False
+    assert second.result["execution_count"] == first.result["execution_count"] + 1
+
+
+async def test_stdout_and_stderr_keep_their_order(runner):
+    result = await runner.execute(
+        "import sys\nprint('out 1')\nsys.stdout.flush()\nprint('err 1', file=sys.stderr)\nsys.stderr.flush()\n"
+        "print('out 2')"
+    )
+    assert result.outcome == "ok"
+    assert result.outputs == [
+        {"type": "stdout", "data": "out 1\n"},
+        {"type": "stderr", "data": "err 1\n"},
+        {"type": "stdout", "data": "out 2\n"},
+    ]
+
+
+async def test_consecutive_stream_chunks_are_merged(runner):
+    # Each flush sends its own stream message; the runner joins adjacent ones of the same stream.
+    result = await runner.execute(
+        "import sys, time\nfor i in range(5):\n    print(i, flush=True)\n    time.sleep(0.02)"
+    )
+    assert result.outputs == [{"type": "stdout", "data": "0\n1\n2\n3\n4\n"}]
+
+
+async def test_execute_result_is_a_mime_bundle(runner):
+    result = await runner.execute(
+        "class Rich:\n"
+        "    def __repr__(self):\n        return 'Rich()'\n"
+        "    def _repr_html_(self):\n        return '<b>rich</b>'\n"
+        "    def _repr_json_(self):\n        return {'a': [1, 2]}\n"
+        "Rich()"
+    )
+    assert result.outcome == "ok"
+    assert result.outputs == [
+        {
+            "type": "execute_result",
+            "data": {"text/plain": "Rich()", "text/html": "<b>rich</b>", "application/json": {"a": [1, 2]}},
+        }
+    ]
+
+
+async def test_display_data(runner):
+    result = await runner.execute(
+        "from IPython.display import HTML, display\ndisplay(HTML('<p>hello</p>'))\nprint('after')"
+    )
+    assert result.outcome == "ok"
+    kinds = [o["type"] for o in result.outputs]
+    assert kinds == ["display_data", "stdout"]
+    data = result.outputs[0]["data"]
+    assert data["text/html"] == "<p>hello</p>"
+    assert data["text/plain"] == "<IPython.core.display.HTML object>"
+
+
+async def test_error_has_a_plain_text_traceback(runner):
+    result = await runner.execute("print('before')\ndef f():\n    return 1 / 0\nf()")
+    assert result.outcome == "error"
+    assert result.result["error_summary"] == "ZeroDivisionError: division by zero"
+    assert result.of("stdout") == ["before\n"]
+    (traceback,) = result.of("error")
+    assert "\x1b" not in traceback, "IPython's colour codes must be stripped"
+    assert "ZeroDivisionError" in traceback
+    assert "return 1 / 0" in traceback, "the traceback shows the failing line"
+    # The error does not poison the session.
+    assert (await runner.execute("print('fine')")).outcome == "ok"
+
+
+async def test_syntax_error(runner):
+    result = await runner.execute("def broken(:\n    pass")
+    assert result.outcome == "error"
+    assert result.result["error_summary"].startswith("SyntaxError")
+    assert "\x1b" not in result.text("error")
+
+
+async def test_plt_show_gives_a_png(runner):
+    result = await runner.execute("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.show()")
+    assert result.outcome == "ok", result.outputs
+    (display,) = result.of("display_data")
+    assert display["text/plain"] == "<Figure size 640x480 with 1 Axes>"
+    assert_png(display["image/png"])
+
+
+async def test_figure_left_open_is_shown_at_the_end_of_the_cell(runner):
+    result = await runner.execute(
+        "import matplotlib.pyplot as plt\nfig, axes = plt.subplots(1, 2)\naxes[0].bar(['a', 'b'], [3, 5])\n"
+        "print('drawn')"
+    )
+    assert result.outcome == "ok", result.outputs
+    assert [o["type"] for o in result.outputs] == ["stdout", "display_data"]
+    display = result.outputs[1]["data"]
+    assert display["text/plain"] == "<Figure size 640x480 with 2 Axes>"
+    assert_png(display["image/png"])
+    # Shown figures are closed: the next cell does not repeat them.
+    assert (await runner.execute("print(len(plt.get_fignums()))")).outputs == [{"type": "stdout", "data": "0\n"}]
+
+
+async def test_shell_escape(runner):
+    result = await runner.execute("!echo hi")
+    assert result.outcome == "ok"
+    assert result.outputs == [{"type": "stdout", "data": "hi\n"}]
+
+
+async def test_shell_escape_keeps_stderr_apart(runner):
+    result = await runner.execute("!echo to-out; echo to-err >&2")
+    assert result.text("stdout") == "to-out\n"
+    assert result.text("stderr") == "to-err\n"
+
+
+async def test_uploaded_script_runs_through_the_shell(runner):
+    script = "import sys\nprint('script says', sys.argv[1:])\n"
+    result = await runner.execute("!python myscript.py one two", files=[{"name": "myscript.py", "content": script}])
+    assert result.outcome == "ok", result.outputs
+    assert result.outputs == [{"type": "stdout", "data": "script says ['one', 'two']\n"}]
+
+
+async def test_magics(runner):
+    pwd = await runner.execute("%pwd")
+    assert pwd.outputs == [{"type": "execute_result", "data": {"text/plain": repr(str(runner.workdir))}}]
+    timed = await runner.execute("%time sum(range(10))")
+    assert timed.outcome == "ok"
+    assert "Wall time" in timed.text("stdout")
+    assert timed.of("execute_result") == [{"text/plain": "45"}]
+
+
+async def test_fd_level_output_at_the_end_of_a_cell(runner):
+    # Written to file descriptor 1 by a child process just before the cell ends: it must not be lost.
+    for attempt in range(5):
+        result = await runner.execute(f"import os\n_ = os.system('echo from-a-shell-{attempt}')")
+        assert result.outputs == [{"type": "stdout", "data": f"from-a-shell-{attempt}\n"}]
+
+
+async def test_rebinding_sys_stdout(runner):
+    result = await runner.execute("import io, sys\nsaved = sys.stdout\nsys.stdout = io.StringIO()\nprint('hidden')")
+    assert result.outcome == "ok"
+    assert result.outputs == []
+    assert (await runner.execute("captured = sys.stdout.getvalue()\nsys.stdout = saved")).outcome == "ok"
+    # ipykernel addresses the restored stream to the next execute, not to the one that restores it.
+    restored = await runner.execute("print(repr(captured))")
+    assert restored.outputs == [{"type": "stdout", "data": "'hidden\\n'\n"}]
+
+
+async def test_invalid_utf8_on_a_file_descriptor(runner):
+    result = await runner.execute("import os, sys\nos.write(1, b'\\xff\\xfe ok\\n')")
+    assert result.outcome == "ok"
+    text = result.text("stdout")
+    assert text.endswith(" ok\n")
+    assert "\ufffd" in text
+    json.dumps(result.result)  # the reply is plain JSON again
+    assert (await runner.execute("print('next')")).outputs == [{"type": "stdout", "data": "next\n"}]
+
+
+async def test_lone_surrogate(runner):
+    result = await runner.execute("print('a\\udcffb')")
+    assert result.outcome == "ok"
+    text = result.text("stdout")
+    assert text.startswith("a")
+    assert text.endswith("b\n")
+    assert "\udcff" not in text
+    assert len(text) == 4, "the surrogate became exactly one replacement character"
+    text.encode("utf-8")  # strictly encodable
+    assert (await runner.execute("print('next')")).outputs == [{"type": "stdout", "data": "next\n"}]
+
+
+async def test_stats_counters_advance(runner):
+    before = await runner.stats()
+    await runner.execute("pass")
+    after = await runner.stats()
+    assert after["execute_count"] == before["execute_count"] + 1
+    assert after["last_execute_at"] > (before["last_execute_at"] or 0)
+    assert after["kernel_ready"] is True
+    assert after["kernel_pid"] == before["kernel_pid"]
+    assert after["started_at"] == before["started_at"]
+
+
+async def test_reply_reports_duration_and_no_drops(runner):
+    result = await runner.execute("import time\ntime.sleep(0.2)")
+    assert result.outcome == "ok"
+    assert result.result["dropped_bytes"] == {}
+    assert 200 <= result.result["duration_ms"] < 10_000

@@ -1,0 +1,1 @@
+"""Helpers that build one virtualenv per official ``together`` SDK version (they cannot share one)."""
