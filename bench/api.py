@@ -1,0 +1,93 @@
+"""Latencies through the HTTP API, one request at a time (``httpx.Client``, keep-alive)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from .interrupt import checkpoint
+from .server import Server, auth
+
+_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
+
+
+def client_for(server: Server, key: str) -> httpx.Client:
+    """A keep-alive client for ``server`` speaking as API key ``key``."""
+    return httpx.Client(base_url=server.base_url, headers=auth(key), timeout=_TIMEOUT)
+
+
+def execute(client: httpx.Client, code: str, session_id: str | None = None) -> dict[str, Any]:
+    """POST /tci/execute; returns ``data`` (raises on anything but 200)."""
+    body: dict[str, Any] = {"code": code, "language": "python"}
+    if session_id is not None:
+        body["session_id"] = session_id
+    response = client.post("/tci/execute", json=body)
+    if response.status_code != 200:
+        raise RuntimeError(f"execute answered {response.status_code}: {response.text[:500]}")
+    data: dict[str, Any] = response.json()["data"]
+    return data
+
+
+def check_printed_one(data: dict[str, Any]) -> None:
+    """Fail loudly if ``print(1)`` did not print ``1`` (a fast wrong answer is no result)."""
+    stdout = "".join(o["data"] for o in data["outputs"] if o["type"] == "stdout")
+    if stdout != "1\n":
+        raise RuntimeError(f"print(1) printed {stdout!r}: {data}")
+
+
+def close_session(client: httpx.Client, session_id: str) -> None:
+    response = client.delete(f"/tci/sessions/{session_id}")
+    if response.status_code not in {204, 404}:
+        raise RuntimeError(f"DELETE session answered {response.status_code}: {response.text[:300]}")
+
+
+class WarmSession:
+    """One session kept open for repeated warm executes."""
+
+    def __init__(self, server: Server, key: str) -> None:
+        self._client = client_for(server, key)
+        data = execute(self._client, "print(1)")
+        check_printed_one(data)
+        self.session_id: str = data["session_id"]
+
+    def round_trip(self) -> float:
+        began = time.perf_counter()
+        data = execute(self._client, "print(1)", self.session_id)
+        elapsed = time.perf_counter() - began
+        check_printed_one(data)
+        return elapsed
+
+    def measure(self, count: int) -> list[float]:
+        return [self.round_trip() for _ in range(count)]
+
+    def close(self) -> None:
+        close_session(self._client, self.session_id)
+        self._client.close()
+
+
+def new_session_latencies(
+    server: Server, key: str, count: int, *, wait_for_pool: bool, progress: Callable[[str], None]
+) -> list[float]:
+    """Seconds from POST (no session id, ``print(1)``) to its result, ``count`` times.
+
+    Each new session is deleted again outside the timed part. With ``wait_for_pool`` every
+    repetition starts on a full pool, so each one measures a pool hit (the caller checks the
+    hit counter to prove it).
+    """
+    samples: list[float] = []
+    with client_for(server, key) as client:
+        for index in range(count):
+            checkpoint()
+            refill = server.wait_pool_full() if wait_for_pool else 0.0
+            began = time.perf_counter()
+            data = execute(client, "print(1)")
+            elapsed = time.perf_counter() - began
+            check_printed_one(data)
+            samples.append(elapsed)
+            close_session(client, data["session_id"])
+            note = f" (pool refilled in {refill:.2f} s)" if wait_for_pool else ""
+            progress(f"{server.name}: new session {index + 1}/{count}: {elapsed * 1000:.0f} ms{note}")
+    return samples

@@ -1,0 +1,271 @@
+"""The final table: each figure, what it is compared with, its target and whether it is met.
+
+Input is the results document ``__main__`` writes as JSON (summaries in the units named by each
+figure's ``unit``); a figure that failed or was skipped shows as such instead of a number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import astuple, dataclass
+from typing import Any
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Row:
+    figure: str
+    measured: str
+    compared: str = "—"
+    target: str = "—"
+    verdict: str = "—"
+
+
+def _num(value: float, digits: int = 1) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _dist(figure: dict[str, Any] | None, digits: int = 1) -> str:
+    """``p50 X, p99 Y unit (n=N)`` for a figure, or why it is missing."""
+    if not figure:
+        return "not measured"
+    summary = figure["summary"]
+    unit = figure["unit"]
+    return f"p50 {_num(summary['median'], digits)} {unit}, p99 {_num(summary['p99'], digits)} {unit} (n={summary['n']})"
+
+
+def _median(figure: dict[str, Any] | None) -> float:
+    return float(figure["summary"]["median"]) if figure else math.nan
+
+
+def _p99(figure: dict[str, Any] | None) -> float:
+    return float(figure["summary"]["p99"]) if figure else math.nan
+
+
+def verdict_at_most(value: float, limit: float, unit: str, what: str = "") -> str:
+    """ "met" or "MISSED by …" for a figure that must not exceed ``limit``."""
+    if math.isnan(value):
+        return "n/a"
+    label = f"{what} " if what else ""
+    if value <= limit:
+        return f"{label}met ({_num(limit - value, 2)} {unit} to spare)"
+    return f"{label}MISSED by {_num(value - limit, 2)} {unit} ({_num(100 * (value - limit) / limit, 0)}%)"
+
+
+def verdict_at_least(value: float, limit: float, unit: str) -> str:
+    if math.isnan(value):
+        return "n/a"
+    if value >= limit:
+        return f"met ({_num(value - limit, 1)} {unit} to spare)"
+    return f"MISSED by {_num(limit - value, 1)} {unit} ({_num(100 * (limit - value) / limit, 0)}%)"
+
+
+def header_lines(meta: dict[str, Any]) -> list[str]:
+    host = meta.get("host", {})
+    size = host.get("image_size_bytes") or 0
+    load = meta.get("load_before", [math.nan] * 3)
+    load_after = meta.get("load_after", [math.nan] * 3)
+    return [
+        f"TCI orchestrator benchmark ({meta.get('mode')}, run {meta.get('run_id')}, {meta.get('started')})",
+        f"host: {host.get('cores')} cores, {_num((host.get('memory_bytes') or 0) / 2**30, 1)} GiB, "
+        f"kernel {host.get('kernel')}, Docker Engine {host.get('docker_engine')} (API {host.get('docker_api')}, "
+        f"cgroup v{host.get('cgroup_version')}, {host.get('storage_driver')})",
+        f"image: {host.get('image')} {host.get('image_id')} {_num(size / 1e9, 2)} GB; "
+        f"load average before {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, "
+        f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}; "
+        f"took {_num(meta.get('duration_seconds', math.nan), 0)} s",
+    ]
+
+
+def _latency_rows(figures: dict[str, Any]) -> list[Row]:
+    floor = figures.get("floor")
+    runner = figures.get("runner")
+    http = figures.get("http_warm")
+    floor_p50 = _median(floor)
+    rows = [Row("1. Floor: jupyter_client ipc round trip, print(1)", _dist(floor, 2))]
+    overhead = _median(runner) - floor_p50
+    inside = _median(figures.get("runner_inside"))
+    rows.append(
+        Row(
+            "2. Runner protocol execute, print(1)",
+            _dist(runner, 2),
+            f"floor p50 {_num(floor_p50, 2)} ms: +{_num(overhead, 2)} ms (runner's own kernel time p50 "
+            f"{_num(inside, 2)} ms, so attach stream + framing {_num(_median(runner) - inside, 2)} ms)",
+            "p50 ≤ floor + 1 ms",
+            verdict_at_most(overhead, 1.0, "ms"),
+        )
+    )
+    start = figures.get("kernel_start_to_ready")
+    create = figures.get("kernel_create_to_ready")
+    startup = figures.get("kernel_startup_runner")
+    rows.append(
+        Row(
+            "2b. Kernel start: docker start → runner ready",
+            _dist(start, 3),
+            f"incl. create: {_dist(create, 3)}; runner's kernel_startup p50 {_num(_median(startup), 3)} s",
+            "p50 ≤ 1 s",
+            verdict_at_most(_median(start), 1.0, "s"),
+        )
+    )
+    http_over = _median(http) - floor_p50
+    verdicts = [
+        verdict_at_most(http_over, 3.0, "ms", "p50:"),
+        verdict_at_most(_p99(http), 25.0, "ms", "p99:"),
+    ]
+    rows.append(
+        Row(
+            "3. HTTP warm execute, print(1), one session",
+            _dist(http, 2),
+            f"floor p50 {_num(floor_p50, 2)} ms: +{_num(http_over, 2)} ms",
+            "p50 ≤ floor + 3 ms; p99 ≤ 25 ms",
+            "; ".join(verdicts),
+        )
+    )
+    return rows
+
+
+def _session_rows(figures: dict[str, Any]) -> list[Row]:
+    docker_run = figures.get("docker_run")
+    engine_floor = f"docker run p50 {_num(_median(docker_run), 3)} s"
+    pool = figures.get("new_session_pool")
+    hits = figures.get("pool_hit_rate")
+    hit_text = f"pool hits {hits['hits']:.0f}/{hits['claims']:.0f}" if hits else "hit rate n/a"
+    rows = [
+        Row("4a. New session → first result, pool hit", _dist(pool, 3), f"{hit_text}; {engine_floor}"),
+        Row("4b. New session → first result, pool off", _dist(figures.get("new_session_cold"), 3), engine_floor),
+        Row("4c. docker run --rm python -c print(1) (engine floor)", _dist(docker_run, 3), "same flags as a session"),
+    ]
+    peer = figures.get("llm_sandbox") or {}
+    if not peer:
+        rows.append(Row("4d. llm-sandbox", "not measured"))
+        return rows
+    if peer.get("error"):
+        rows.append(Row("4d. llm-sandbox", f"failed: {peer['error']}"))
+        return rows
+    for name, label in (("stateless", "SandboxSession"), ("interactive", "InteractiveSandboxSession")):
+        part = peer.get(name)
+        if part is None:
+            rows.append(Row(f"4d. llm-sandbox {label}", f"failed: {peer.get('errors', {}).get(name, 'not run')}"))
+            continue
+        rows.append(
+            Row(
+                f"4d. llm-sandbox {label}: new → first result",
+                _dist(part.get("new_session_to_result"), 3),
+                f"close p50 {_num(_median(part.get('close')), 3)} s; {engine_floor}",
+            )
+        )
+        rows.append(
+            Row(
+                f"4e. llm-sandbox {label}: run in open session",
+                _dist(part.get("run_in_open_session"), 1),
+                f"ours (HTTP warm) p50 {_num(_median(figures.get('http_warm')), 2)} ms",
+            )
+        )
+    return rows
+
+
+def _cpu_row(level: str, entry: dict[str, Any]) -> Row:
+    spent = entry.get("cpu_ms_per_execute") or {}
+    parts = ", ".join(f"{group} {_num(ms, 2)}" for group, ms in spent.items() if ms >= 0.05)
+    return Row(f"5b. CPU ms per execute at {level} sessions", f"total {_num(sum(spent.values()), 1)} ms", parts)
+
+
+def _throughput_rows(figures: dict[str, Any]) -> list[Row]:
+    rows = []
+    levels = sorted((figures.get("throughput") or {}).items(), key=lambda item: int(item[0]))
+    for level, entry in levels:
+        errors = entry.get("errors") or {}
+        error_text = f"; errors {errors}" if errors else ""
+        is_target = int(level) == 16
+        rows.append(
+            Row(
+                f"5. Throughput, {level} concurrent sessions",
+                f"{_num(entry['per_second'], 1)} exec/s ({entry['completed']} in {entry['seconds']:g} s)",
+                f"latency {_dist(entry.get('latency'), 1)}{error_text}",
+                "≥ 200/s" if is_target else "—",
+                verdict_at_least(entry["per_second"], 200.0, "/s") if is_target else "—",
+            )
+        )
+    rows.extend(_cpu_row(level, entry) for level, entry in levels if int(level) in {1, 16})
+    return rows
+
+
+def _memory_rows(figures: dict[str, Any]) -> list[Row]:
+    rows = []
+    for level, entry in sorted((figures.get("memory") or {}).items(), key=lambda item: int(item[0])):
+        usage = entry["usage"]["summary"]
+        rss = entry["rss"]["summary"]
+        cache = entry["cache"]["summary"]
+        working = entry.get("working_set", {}).get("summary", {}).get("median", math.nan)
+        verdict = verdict_at_most(usage["median"], 100.0, "MiB", "median:")
+        if usage["max"] > 100.0:
+            verdict += f"; max over by {_num(usage['max'] - 100.0, 1)} MiB"
+        rows.append(
+            Row(
+                f"6. Idle session memory (cgroup usage), {level} sessions",
+                f"median {_num(usage['median'])} MiB, max {_num(usage['max'])} MiB",
+                f"rss median {_num(rss['median'])} MiB, page cache median {_num(cache['median'])} MiB, "
+                f"working set (usage - inactive file) median {_num(working)} MiB",
+                "≤ 100 MiB per session",
+                verdict,
+            )
+        )
+    return rows
+
+
+def _burst_rows(figures: dict[str, Any]) -> list[Row]:
+    burst = figures.get("burst")
+    if not burst:
+        return [Row("7. Burst of new sessions", "not measured")]
+    latency = burst["latency_all"]["summary"]
+    statuses = burst["statuses"]
+    server_errors = sum(count for code, count in statuses.items() if int(code) >= 500) + sum(
+        burst["transport_errors"].values()
+    )
+    leftovers = burst["leftover_session_containers"]
+    ok = "met" if server_errors == 0 and leftovers == 0 else f"MISSED: {server_errors} 5xx, {leftovers} leftovers"
+    return [
+        Row(
+            f"7. Burst: {burst['requests']} simultaneous new sessions",
+            f"p50 {_num(latency['median'], 2)} s, p90 {_num(latency['p90'], 2)} s, "
+            f"p99 {_num(latency['p99'], 2)} s, max {_num(latency['max'], 2)} s",
+            f"200: {statuses.get('200', 0)}, 429: {statuses.get('429', 0)}, 5xx/transport: {server_errors}; "
+            f"session containers left after DELETE: {burst['leftover_after_delete']}, after stop: {leftovers}; "
+            f"warm pool kept by design: {burst['pool_containers_after_stop']}",
+            "5xx = 0; leftovers = 0",
+            ok,
+        )
+    ]
+
+
+def rows(results: dict[str, Any]) -> list[Row]:
+    figures = results.get("figures", {})
+    return [
+        *_latency_rows(figures),
+        *_session_rows(figures),
+        *_throughput_rows(figures),
+        *_memory_rows(figures),
+        *_burst_rows(figures),
+    ]
+
+
+def render(results: dict[str, Any]) -> str:
+    """The header and the table as plain text (a Markdown-compatible pipe table)."""
+    table = [Row("Figure", "Measured", "Compared with", "Target", "Verdict"), *rows(results)]
+    cells = [astuple(row) for row in table]
+    widths = [max(len(cell) for cell in column) for column in zip(*cells, strict=True)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)) + " |"
+
+    out = header_lines(results.get("meta", {}))
+    out.append("")
+    out.append(line(cells[0]))
+    out.append("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    out.extend(line(row) for row in cells[1:])
+    errors = results.get("errors") or {}
+    if errors:
+        out.append("")
+        out.extend(f"{phase}: {message}" for phase, message in errors.items())
+    return "\n".join(out)

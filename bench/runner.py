@@ -1,0 +1,122 @@
+"""The runner protocol without the HTTP layer, through the orchestrator's own ``DockerBackend``.
+
+``RunnerSandbox`` measures one ``execute`` of ``print(1)`` over the container's attach stream, to
+set against the floor. ``kernel_starts`` measures how long a sandbox takes from ``docker start``
+(and from ``docker create``) until the runner answers ``ready``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from orchestrator.backends import labels
+from orchestrator.backends.docker import DockerBackend, load_seccomp_profile
+from orchestrator.backends.docker_spec import container_config
+from orchestrator.models import SandboxInfo
+from orchestrator.runner_client import RunnerClient
+from orchestrator.settings import Settings
+
+_READY_TIMEOUT = 60.0
+
+
+async def _ready(client: RunnerClient) -> dict[str, object]:
+    return await client.request("ready", {"timeout": _READY_TIMEOUT}, _READY_TIMEOUT + 5)
+
+
+class RunnerSandbox:
+    """One sandbox started the way a cold session starts, kept open for repeated executes."""
+
+    def __init__(self, backend: DockerBackend) -> None:
+        self._backend = backend
+        self._sandbox: SandboxInfo | None = None
+        self._client: RunnerClient | None = None
+        self.inside_ms: list[float] = []
+        """The runner's own ``duration_ms`` per execute (kernel execute → idle, inside the sandbox)."""
+
+    async def start(self) -> None:
+        self._sandbox = await self._backend.create(None)
+        self._client = await self._backend.connect(self._sandbox, _READY_TIMEOUT)
+        await _ready(self._client)
+
+    async def round_trip(self, code: str = "print(1)") -> float:
+        """Seconds for one ``execute`` request and its reply."""
+        client = self._client
+        assert client is not None, "start() first"
+        began = time.perf_counter()
+        result = await client.request("execute", {"code": code, "timeout": 30}, 60)
+        elapsed = time.perf_counter() - began
+        if code == "print(1)" and result.get("outputs") != [{"type": "stdout", "data": "1\n"}]:
+            raise RuntimeError(f"runner returned {result.get('outputs')!r}")
+        inside = result.get("duration_ms")
+        if isinstance(inside, int | float):
+            self.inside_ms.append(float(inside))
+        return elapsed
+
+    async def measure(self, count: int) -> list[float]:
+        return [await self.round_trip() for _ in range(count)]
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        if self._sandbox is not None:
+            await self._backend.destroy(self._sandbox.sandbox_id)
+            self._sandbox = None
+
+
+@dataclass
+class KernelStarts:
+    """Seconds per repetition: start→ready, create→ready, and the runner's own kernel start."""
+
+    start_to_ready: list[float] = field(default_factory=list)
+    create_to_ready: list[float] = field(default_factory=list)
+    kernel_startup: list[float] = field(default_factory=list)
+
+
+async def kernel_starts(
+    backend: DockerBackend, settings: Settings, count: int, progress: Callable[[str], None]
+) -> KernelStarts:
+    """``count`` sandboxes, one after another: create, start, attach, ``hello``, ``ready``, remove.
+
+    ``DockerBackend.create`` does create and start in one call, so the two engine calls are made
+    here from the same ``container_config`` to time ``docker start`` on its own.
+    """
+    seccomp = load_seccomp_profile(settings)
+    profile = settings.sandbox.profile_key()
+    result = KernelStarts()
+    for index in range(count):
+        name = labels.pool_name(settings.instance)
+        config = container_config(
+            settings.sandbox,
+            name=name,
+            labels=labels.make_labels(settings.instance, profile, time.time(), settings.test_run_label),
+            seccomp_profile=seccomp,
+        )
+        created_at = time.perf_counter()
+        container = await asyncio.to_thread(backend.client.containers.create, **config)
+        client: RunnerClient | None = None
+        try:
+            started_at = time.perf_counter()
+            await asyncio.to_thread(container.start)
+            sandbox = SandboxInfo(
+                sandbox_id=container.id, name=name, running=True, created_at=time.time(), profile=profile
+            )
+            client = await backend.connect(sandbox, _READY_TIMEOUT)
+            ready = await _ready(client)
+            done = time.perf_counter()
+        finally:
+            if client is not None:
+                await client.close()
+            with contextlib.suppress(Exception):
+                await backend.destroy(container.id)
+        result.start_to_ready.append(done - started_at)
+        result.create_to_ready.append(done - created_at)
+        startup = ready.get("kernel_startup_seconds")
+        if isinstance(startup, int | float):
+            result.kernel_startup.append(float(startup))
+        progress(f"kernel start {index + 1}/{count}: start→ready {done - started_at:.3f} s")
+    return result
