@@ -36,7 +36,7 @@ async def latency_and_pool(ctx: Context) -> None:
     await backend.start()
     try:
         say(f"kernel starts: {ctx.plan.kernel_starts} sandboxes, one at a time")
-        starts = await kernel_starts(backend, ctx.settings("starts"), ctx.plan.kernel_starts, say)
+        starts = await kernel_starts(backend, ctx.plan.kernel_starts, say)
     finally:
         await backend.close()
     ctx.figures["kernel_start_to_ready"] = figure(starts.start_to_ready, "s")

@@ -1,24 +1,20 @@
 """The runner protocol without the HTTP layer, through the orchestrator's own ``DockerBackend``.
 
-``RunnerSandbox`` measures one ``execute`` of ``print(1)`` over the container's attach stream, to
+``RunnerSandbox`` measures one ``execute`` of ``print(1)`` over the configured runner channel, to
 set against the floor. ``kernel_starts`` measures how long a sandbox takes from ``docker start``
 (and from ``docker create``) until the runner answers ``ready``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from orchestrator.backends import labels
-from orchestrator.backends.docker import DockerBackend, load_seccomp_profile
-from orchestrator.backends.docker_spec import container_config
+from orchestrator.backends.docker import DockerBackend
 from orchestrator.models import SandboxInfo
 from orchestrator.runner_client import RunnerClient
-from orchestrator.settings import Settings
 
 _READY_TIMEOUT = 60.0
 
@@ -77,34 +73,20 @@ class KernelStarts:
     kernel_startup: list[float] = field(default_factory=list)
 
 
-async def kernel_starts(
-    backend: DockerBackend, settings: Settings, count: int, progress: Callable[[str], None]
-) -> KernelStarts:
-    """``count`` sandboxes, one after another: create, start, attach, ``hello``, ``ready``, remove.
+async def kernel_starts(backend: DockerBackend, count: int, progress: Callable[[str], None]) -> KernelStarts:
+    """``count`` sandboxes, one after another: create, start, connect, ``hello``, ``ready``, remove.
 
-    ``DockerBackend.create`` does create and start in one call, so the two engine calls are made
-    here from the same ``container_config`` to time ``docker start`` on its own.
+    ``DockerBackend.create`` is ``create_stopped`` then ``start_sandbox``; they are called apart here
+    to time ``docker start`` on its own.
     """
-    seccomp = load_seccomp_profile(settings)
-    profile = settings.sandbox.profile_key()
     result = KernelStarts()
     for index in range(count):
-        name = labels.pool_name(settings.instance)
-        config = container_config(
-            settings.sandbox,
-            name=name,
-            labels=labels.make_labels(settings.instance, profile, time.time(), settings.test_run_label),
-            seccomp_profile=seccomp,
-        )
         created_at = time.perf_counter()
-        container = await asyncio.to_thread(backend.client.containers.create, **config)
+        sandbox = await backend.create_stopped(None)
         client: RunnerClient | None = None
         try:
             started_at = time.perf_counter()
-            await asyncio.to_thread(container.start)
-            sandbox = SandboxInfo(
-                sandbox_id=container.id, name=name, running=True, created_at=time.time(), profile=profile
-            )
+            await backend.start_sandbox(sandbox.sandbox_id)
             client = await backend.connect(sandbox, _READY_TIMEOUT)
             ready = await _ready(client)
             done = time.perf_counter()
@@ -112,7 +94,7 @@ async def kernel_starts(
             if client is not None:
                 await client.close()
             with contextlib.suppress(Exception):
-                await backend.destroy(container.id)
+                await backend.destroy(sandbox.sandbox_id)
         result.start_to_ready.append(done - started_at)
         result.create_to_ready.append(done - created_at)
         startup = ready.get("kernel_startup_seconds")

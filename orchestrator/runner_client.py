@@ -1,9 +1,9 @@
 """The orchestrator's side of the runner protocol (``sandbox-image/runner/PROTOCOL.md``).
 
-A ``RunnerClient`` speaks to one runner over a byte stream: the attach stream of a container, or a
-subprocess's pipes in tests. Everything the runner sends is untrusted, because user code shares
-its container and can forge bytes: frames are size-capped, replies are validated, and a stream
-that stops making sense is resynchronised or given up, never believed.
+A ``RunnerClient`` speaks to one runner over a byte stream: a Unix socket the runner dialled, the
+attach stream of a container, or a subprocess's pipes. Everything the runner sends is untrusted,
+because user code shares its container and can forge bytes: frames are size-capped, replies are
+validated, and a stream that stops making sense is resynchronised or given up, never believed.
 
 The frame format is repeated here rather than imported, because the runner ships in another image;
 ``tests/contract`` drives the real runner with this client so the two copies cannot drift.
@@ -67,11 +67,14 @@ class RunnerClient:
         *,
         max_frame_bytes: int,
         name: str = "runner",
+        hang_up_on_failure: bool = False,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._max_frame = max_frame_bytes
         self._name = name
+        # True for a connection the runner dialled; stdio and attach streams are resynchronised instead.
+        self._hang_up_on_failure = hang_up_on_failure
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._write_lock = asyncio.Lock()
         self._pump: asyncio.Task[None] | None = None
@@ -198,6 +201,10 @@ class RunnerClient:
     def _fail(self, exc: BaseException) -> None:
         if self._closed is None:
             self._closed = exc
+            if self._hang_up_on_failure:
+                # The runner sees the end and dials again, which is what the next connect() waits for.
+                with contextlib.suppress(Exception):
+                    self._writer.close()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(RunnerFailure(f"{self._name}: stream ended ({type(exc).__name__})"))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -40,8 +42,12 @@ class SandboxSettings(BaseModel):
     """Docker network mode; anything but "none" gives sessions egress (e.g. for `!pip install`)."""
     runtime: str | None = None
     """OCI runtime such as "runsc" (gVisor); None uses the engine's default."""
+    channel: Literal["socket", "attach"] = "socket"
+    """How the orchestrator reaches the runner: "socket" (a Unix socket per session under
+    ``socket_dir``; the orchestrator must share that path with the engine's host) or "attach" (the
+    container's stdin/stdout through the engine: remote engines, Docker Desktop, gVisor)."""
     log_driver: str = "none"
-    """The runner's stdout is the protocol channel, so the default keeps user output off disk."""
+    """With the attach channel the runner's stdout is the protocol, so the default keeps it off disk."""
     user: str = "10001:10001"
     seccomp_profile: Path | None = None
     """A seccomp JSON file; None uses the profile shipped with the orchestrator."""
@@ -110,6 +116,9 @@ class Settings(BaseSettings):
     orphan_grace_seconds: float = Field(60, ge=0)
     """Unaccounted containers younger than this are left alone (they may be starting)."""
 
+    socket_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / f"tci-orchestrator-{os.getuid()}")
+    """Host directory for the per-session runner sockets (the socket channel). Run in a container,
+    the orchestrator must see it at the same path as the engine's host does."""
     runner_ready_timeout_seconds: float = Field(60, gt=0)
     max_frame_bytes: int = Field(64 * MiB, ge=MiB)
     docker_max_concurrent_calls: int = Field(16, ge=1)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import secrets
 import socket
 import struct
 import time
@@ -27,6 +29,7 @@ from ..models import Claim, SandboxInfo
 from ..runner_client import RunnerClient
 from ..settings import Settings
 from . import labels
+from .channel import SocketChannels
 from .docker_spec import container_config
 
 log = structlog.get_logger(__name__)
@@ -68,6 +71,13 @@ class DockerBackend:
         self._limiter = anyio.CapacityLimiter(settings.docker_max_concurrent_calls)
         self._seccomp = load_seccomp_profile(settings)
         self._profile = settings.sandbox.profile_key()
+        self._sockets = (
+            SocketChannels(settings.socket_dir, settings.instance, max_frame_bytes=settings.max_frame_bytes)
+            if settings.sandbox.channel == "socket"
+            else None
+        )
+        # Sandbox id -> its runner socket key, for sandboxes created or listed by this process.
+        self._channel_keys: dict[str, str] = {}
 
     async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         def run() -> T:
@@ -89,6 +99,8 @@ class DockerBackend:
             self._client = await self._call(docker.from_env, max_pool_size=pool)
 
     async def close(self) -> None:
+        if self._sockets is not None:
+            await self._sockets.close_all()
         if self._client is not None:
             self._client.close()
 
@@ -103,32 +115,77 @@ class DockerBackend:
         return True
 
     async def create(self, claim: Claim | None) -> SandboxInfo:
+        sandbox = await self.create_stopped(claim)
+        await self.start_sandbox(sandbox.sandbox_id)
+        log.info("sandbox_created", sandbox=sandbox.sandbox_id[:12], claimed=claim is not None)
+        return dataclasses.replace(sandbox, running=True)
+
+    async def create_stopped(self, claim: Claim | None) -> SandboxInfo:
+        """The first half of ``create``: the container exists, with its channel, but is not started."""
         now = time.time()
         name = (
             labels.claimed_name(self._settings.instance, claim)
             if claim is not None
             else labels.pool_name(self._settings.instance)
         )
+        key = channel_dir = None
+        if self._sockets is not None:
+            key = secrets.token_hex(8)
+            # Listening before the container starts lets the runner connect on its first try.
+            channel_dir = await self._sockets.open(key)
         config = container_config(
             self._settings.sandbox,
             name=name,
-            labels=labels.make_labels(self._settings.instance, self._profile, now, self._settings.test_run_label),
+            labels=labels.make_labels(
+                self._settings.instance, self._profile, now, self._settings.test_run_label, channel=key
+            ),
             seccomp_profile=self._seccomp,
+            channel_dir=channel_dir,
         )
-        container = await self._call(self.client.containers.create, **config)
         try:
-            await self._call(container.start)
+            container = await self._call(self.client.containers.create, **config)
+        except BaseException:
+            if self._sockets is not None and key is not None:
+                await self._sockets.close(key)
+            raise
+        if key is not None:
+            self._channel_keys[container.id] = key
+        return SandboxInfo(
+            sandbox_id=container.id, name=name, running=False, created_at=now, profile=self._profile, claim=claim
+        )
+
+    async def start_sandbox(self, sandbox_id: str) -> None:
+        """The second half of ``create``; a container that does not start is removed."""
+        try:
+            await self._call(self.client.api.start, sandbox_id)
         except BaseException as exc:
-            await self.destroy(container.id)
+            await self.destroy(sandbox_id)
             if isinstance(exc, BackendUnavailable):
                 raise SandboxStartFailed(f"sandbox container did not start: {exc}") from exc
             raise
-        log.info("sandbox_created", sandbox=container.id[:12], claimed=claim is not None)
-        return SandboxInfo(
-            sandbox_id=container.id, name=name, running=True, created_at=now, profile=self._profile, claim=claim
-        )
 
     async def connect(self, sandbox: SandboxInfo, timeout: float) -> RunnerClient:
+        key = self._channel_keys.get(sandbox.sandbox_id)
+        if self._sockets is not None and key is not None:
+            reader, writer = await self._sockets.accept(key, timeout)
+            client = RunnerClient(
+                reader,
+                writer,
+                max_frame_bytes=self._settings.max_frame_bytes,
+                name=sandbox.name,
+                hang_up_on_failure=True,
+            )
+        else:
+            client = await self._attach(sandbox)
+        try:
+            await client.connect(timeout)
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    async def _attach(self, sandbox: SandboxInfo) -> RunnerClient:
+        """A client on the container's attach stream (the attach channel, and sandboxes made with it)."""
         params = {"stdin": 1, "stdout": 1, "stderr": 0, "stream": 1}
         try:
             raw = await self._call(self.client.api.attach_socket, sandbox.sandbox_id, params=params)
@@ -149,11 +206,6 @@ class DockerBackend:
         pump = asyncio.create_task(_demux(mux_reader, stdout), name=f"demux-{sandbox.sandbox_id[:12]}")
         client = RunnerClient(stdout, writer, max_frame_bytes=self._settings.max_frame_bytes, name=sandbox.name)
         client.on_close(pump.cancel)
-        try:
-            await client.connect(timeout)
-        except BaseException:
-            await client.close()
-            raise
         return client
 
     async def claim(self, sandbox: SandboxInfo, claim: Claim) -> SandboxInfo:
@@ -185,6 +237,8 @@ class DockerBackend:
             attrs = container.attrs
             container_labels = attrs.get("Labels") or {}
             name = (attrs.get("Names") or [""])[0].lstrip("/")
+            if key := container_labels.get(labels.CHANNEL):
+                self._channel_keys[container.id] = key
             found.append(
                 SandboxInfo(
                     sandbox_id=container.id,
@@ -195,6 +249,10 @@ class DockerBackend:
                     claim=labels.parse_claim(name),
                 )
             )
+        if self._sockets is not None:
+            # Socket directories of sandboxes that were removed while no orchestrator ran.
+            keep = set(self._channel_keys.values())
+            self._sockets.sweep(keep, grace=self._settings.orphan_grace_seconds)
         return found
 
     async def destroy(self, sandbox_id: str) -> None:
@@ -210,6 +268,9 @@ class DockerBackend:
                 raise
 
         await self._call(remove)
+        key = self._channel_keys.pop(sandbox_id, None)
+        if self._sockets is not None and key is not None:
+            await self._sockets.close(key)
         log.info("sandbox_removed", sandbox=sandbox_id[:12])
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..settings import SandboxSettings
+from .channel import SOCKET_NAME
 
 SANDBOX_UID_GID = "10001"
 WORKDIR = "/workspace"
 HOME = "/home/sandbox"
+# Where the sandbox sees its (read-only) runner socket directory.
+CHANNEL_DIR = "/run/tci-runner"
 
 
 def _tmpfs(size: int, *, owned: bool) -> str:
@@ -32,6 +36,7 @@ def container_config(
     name: str,
     labels: dict[str, str],
     seccomp_profile: str,
+    channel_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``docker.models.containers.ContainerCollection.create``.
 
@@ -40,14 +45,15 @@ def container_config(
         name: the container name (it records the session claim, see ``labels.py``).
         labels: ownership labels.
         seccomp_profile: the profile's JSON text (the Engine API takes content, not a path).
+        channel_dir: the host directory holding this sandbox's runner socket, mounted read-only;
+            None: the runner talks over its attached stdin/stdout instead.
     """
     config: dict[str, Any] = {
         "image": sandbox.image,
         "name": name,
         "labels": labels,
         "detach": True,
-        # The runner talks over its attached stdin/stdout; no network path is needed.
-        "stdin_open": True,
+        "stdin_open": channel_dir is None,
         "tty": False,
         "user": sandbox.user,
         "init": True,
@@ -78,6 +84,9 @@ def container_config(
         "environment": runner_environment(sandbox),
         "working_dir": WORKDIR,
     }
+    if channel_dir is not None:
+        config["volumes"] = {str(channel_dir): {"bind": CHANNEL_DIR, "mode": "ro"}}
+        config["environment"]["TCI_RUNNER_SOCKET"] = f"{CHANNEL_DIR}/{SOCKET_NAME}"
     if sandbox.runtime:
         config["runtime"] = sandbox.runtime
     return config

@@ -21,6 +21,7 @@ INSTANCE: Final = f"{NAMESPACE}.instance"
 PROFILE: Final = f"{NAMESPACE}.profile"
 CREATED: Final = f"{NAMESPACE}.created"
 TEST_RUN: Final = f"{NAMESPACE}.test-run"
+CHANNEL: Final = f"{NAMESPACE}.channel"
 
 _PREFIX: Final = "tci"
 _CLAIMED: Final = re.compile(
@@ -29,11 +30,15 @@ _CLAIMED: Final = re.compile(
 )
 
 
-def make_labels(instance: str, profile: str, created_at: float, test_run: str | None = None) -> dict[str, str]:
-    """Labels for a new sandbox container."""
+def make_labels(
+    instance: str, profile: str, created_at: float, test_run: str | None = None, channel: str | None = None
+) -> dict[str, str]:
+    """Labels for a new sandbox container; ``channel`` is the key of its runner socket, if any."""
     labels = {MANAGED: "true", INSTANCE: instance, PROFILE: profile, CREATED: str(int(created_at))}
     if test_run:
         labels[TEST_RUN] = test_run
+    if channel:
+        labels[CHANNEL] = channel
     return labels
 
 

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ from sandbox_runner import protocol
 from sandbox_runner.protocol import ok
 
 from orchestrator import runner_client
+from orchestrator.backends.channel import SOCKET_NAME, SocketChannels
 from orchestrator.errors import InvalidRequest, RunnerFailure
 from orchestrator.runner_client import RunnerClient, RunnerRefused
 
@@ -37,9 +40,14 @@ def anyio_backend() -> str:
 
 
 @contextlib.asynccontextmanager
-async def spawn_runner(root: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``python -s -m sandbox_runner`` with its writable directories under ``root``; raw pipes."""
+async def spawn_runner(root: Path, socket: Path | None = None) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -s -m sandbox_runner`` with its writable directories under ``root``.
+
+    Raw pipes as its channel, or with ``socket`` the runner dials that path instead.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TCI_", "JPY_"))}
+    if socket is not None:
+        env["TCI_RUNNER_SOCKET"] = str(socket)
     for var, name in {
         "TCI_RUNNER_WORKDIR": "workspace",
         "IPYTHONDIR": "ipython",
@@ -54,8 +62,8 @@ async def spawn_runner(root: Path) -> AsyncIterator[asyncio.subprocess.Process]:
         "-s",
         "-m",
         "sandbox_runner",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.PIPE if socket is None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE if socket is None else asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
         env=env,
         limit=MAX_FRAME,
@@ -63,14 +71,19 @@ async def spawn_runner(root: Path) -> AsyncIterator[asyncio.subprocess.Process]:
     try:
         yield process
     finally:
-        assert process.stdin is not None
-        process.stdin.close()
-        try:
+        if socket is not None:
+            # On a socket the runner dials again for ever; its container's end is a signal.
+            process.terminate()
             await asyncio.wait_for(process.wait(), 15)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            pytest.fail("the runner did not exit when its stdin closed")
+        else:
+            assert process.stdin is not None
+            process.stdin.close()
+            try:
+                await asyncio.wait_for(process.wait(), 15)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+                pytest.fail("the runner did not exit when its stdin closed")
 
 
 @pytest.fixture
@@ -228,6 +241,40 @@ async def test_reattach_during_an_execute_ignores_the_stale_reply(
     await second.close()
 
 
+async def test_runner_dials_the_socket_and_dials_again_after_a_restart(tmp_path: Path) -> None:
+    root = Path(tempfile.mkdtemp(prefix="tci-c-"))  # socket paths must be short
+    try:
+        channels = SocketChannels(root, "contract", max_frame_bytes=MAX_FRAME)
+        socket = await channels.open("k") / SOCKET_NAME
+        async with spawn_runner(tmp_path, socket=socket):
+            first = RunnerClient(
+                *await channels.accept("k", timeout=30), max_frame_bytes=MAX_FRAME, hang_up_on_failure=True
+            )
+            await first.connect(timeout=30)
+            await first.request("ready", {"timeout": 30}, timeout=35)
+            result = await first.request("execute", {"code": "x = 41", "timeout": 10}, timeout=30)
+            assert result["outcome"] == "ok"
+
+            # The orchestrator hangs up (a session's client closed); the runner dials again on its own.
+            await first.close()
+            second = RunnerClient(*await channels.accept("k", timeout=10), max_frame_bytes=MAX_FRAME)
+            await second.connect(timeout=10)
+            await second.close()
+
+            # The orchestrator restarts: its listeners go away and a new process listens again.
+            await channels.close_all()
+            restarted = SocketChannels(root, "contract", max_frame_bytes=MAX_FRAME)
+            third = RunnerClient(*await restarted.accept("k", timeout=10), max_frame_bytes=MAX_FRAME)
+            hello = await third.connect(timeout=10)
+            assert hello["execute_count"] == 1
+            result = await third.request("execute", {"code": "print(x + 1)", "timeout": 10}, timeout=30)
+            assert result["outputs"] == [{"type": "stdout", "data": "42\n"}], "state survives a reconnect"
+            await third.close()
+            await restarted.close("k")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 class ScriptedRunner:
     """Stands in for the runner's stdin: every request written is answered by feeding ``reader``."""
 
@@ -242,7 +289,9 @@ class ScriptedRunner:
         pass
 
     def close(self) -> None:
-        pass
+        self.closed = True
+
+    closed = False
 
 
 def hello_reply(request: dict[str, Any]) -> bytes:
@@ -275,6 +324,17 @@ async def test_oversize_reply_after_connect_fails_the_request() -> None:
         await client.request("stats", {}, timeout=10)
     assert client.closed
     assert await reader.readexactly(4) == b"rest", "the announced body was not read"
+    assert not writer.closed, "a stdio or attach stream stays open to be resynchronised"
+
+
+async def test_a_dialled_connection_is_hung_up_when_its_stream_breaks() -> None:
+    reader = asyncio.StreamReader()
+    writer = ScriptedRunner(reader, lambda r: hello_reply(r) if r["op"] == "hello" else b"\xff" * 4)
+    client = RunnerClient(reader, writer, max_frame_bytes=1024, hang_up_on_failure=True)  # type: ignore[arg-type]
+    await client.connect(timeout=10)
+    with pytest.raises(RunnerFailure):
+        await client.request("stats", {}, timeout=10)
+    assert writer.closed, "the runner must see the end of the stream so that it dials again"
 
 
 async def test_runner_hangs_up_on_an_oversize_request(runner_process: asyncio.subprocess.Process) -> None:

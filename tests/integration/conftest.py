@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -21,6 +23,7 @@ from fastapi.testclient import TestClient
 
 from orchestrator.app import create_app
 from orchestrator.backends import labels
+from orchestrator.backends.channel import instance_dir
 from orchestrator.settings import SandboxSettings, Settings
 
 IMAGE = os.environ.get("ORCH_SANDBOX__IMAGE", "tci-sandbox:latest")
@@ -65,6 +68,12 @@ def run_id(docker_client: docker.DockerClient) -> Iterator[str]:
     value = RUN_PREFIX + secrets.token_hex(6)
     yield value
     remove_labelled(docker_client, f"{labels.TEST_RUN}={value}")
+    shutil.rmtree(socket_dir(value), ignore_errors=True)
+
+
+def socket_dir(run_id: str) -> Path:
+    """Where this run's sandboxes have their runner sockets (the default ``socket_dir``)."""
+    return instance_dir(Settings.model_fields["socket_dir"].get_default(call_default_factory=True), run_id)
 
 
 @pytest.fixture

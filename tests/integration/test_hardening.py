@@ -7,12 +7,14 @@ from importlib import resources
 
 import pytest
 
+from orchestrator.backends.docker_spec import CHANNEL_DIR
+
 from .conftest import execute, our_containers
 
 pytestmark = pytest.mark.docker
 
 
-def test_session_container_is_hardened(api, docker_client, run_id):
+def test_session_container_is_hardened(api, docker_client, run_id, make_settings):
     execute(api, "x = 1")
     [container] = our_containers(docker_client, run_id)
     attrs = docker_client.api.inspect_container(container.id)
@@ -38,8 +40,14 @@ def test_session_container_is_hardened(api, docker_client, run_id):
     assert host["LogConfig"]["Type"] == "none"
     assert host["RestartPolicy"]["Name"] == "no"
     assert attrs["Config"]["User"] == "10001:10001"
-    assert not attrs["Mounts"], "no bind mounts, and never the Docker socket"
-    assert not host.get("Binds")
+    # One bind mount: the session's own runner socket directory, read-only. Never the Docker socket.
+    [mount] = attrs["Mounts"]
+    assert mount["Type"] == "bind"
+    assert mount["Destination"] == CHANNEL_DIR
+    assert mount["RW"] is False
+    assert mount["Source"].startswith(str(make_settings().socket_dir))
+    assert "docker.sock" not in json.dumps(attrs["Mounts"])
+    assert attrs["Config"]["OpenStdin"] is False
     env_names = {entry.split("=", 1)[0] for entry in attrs["Config"]["Env"]}
     assert not {n for n in env_names if any(s in n.upper() for s in ("KEY", "TOKEN", "SECRET", "PASSWORD"))}
 

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from orchestrator.app import create_app
 from orchestrator.backends import labels
 
-from .conftest import AUTH, IMAGE, execute, our_containers, text_of, wait_for
+from .conftest import AUTH, IMAGE, execute, our_containers, socket_dir, text_of, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -75,6 +75,7 @@ def test_sigkill_restart_keeps_sessions_and_leaves_nothing_unaccounted(docker_cl
             assert [(s["id"], s["execute_count"]) for s in listed] == [(sid, 3)]
             containers = our_containers(docker_client, run_id)
             assert [labels.parse_claim(c.name).session_id for c in containers] == [sid]
+            assert [p.name for p in socket_dir(run_id).iterdir()] == [containers[0].labels[labels.CHANNEL]]
         finally:
             second.terminate()
             second.wait(timeout=30)
@@ -87,6 +88,7 @@ def test_expired_session_is_reaped_within_one_interval(docker_client, run_id, ma
         sid = execute(api, "x = 1")["session_id"]
         assert our_containers(docker_client, run_id)
         wait_for(lambda: not our_containers(docker_client, run_id), 3 + 1 + 10, "the reaper to remove the container")
+        assert not list(socket_dir(run_id).iterdir()), "the session's socket directory went with it"
         response = api.post("/tci/execute", json={"code": "print(x)", "session_id": sid}, headers=AUTH)
         assert response.status_code == 404
         assert response.json()["error"]["code"] == "session_not_found"
@@ -117,3 +119,17 @@ def test_warm_pool_hands_out_ready_containers_and_refills(docker_client, run_id,
         assert len(our_containers(docker_client, run_id)) == 2
         metrics = api.get("/metrics").text
         assert 'tci_pool_claims_total{result="hit"} 1.0' in metrics
+
+
+def test_attach_channel_keeps_working_and_is_readopted(docker_client, run_id, make_settings):
+    """The attach channel (remote engines, Docker Desktop, gVisor): no mount, the runner on stdio."""
+    settings = make_settings(sandbox={"channel": "attach"})
+    with TestClient(create_app(settings)) as api:
+        sid = execute(api, "x = 5")["session_id"]
+        [container] = our_containers(docker_client, run_id)
+        attrs = docker_client.api.inspect_container(container.id)
+        assert attrs["Mounts"] == []
+        assert attrs["Config"]["OpenStdin"] is True
+    # A new process (same instance) re-adopts the session over a fresh attach.
+    with TestClient(create_app(settings)) as api:
+        assert text_of(execute(api, "print(x * 2)", sid), "stdout") == "10\n"

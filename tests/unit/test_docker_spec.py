@@ -1,11 +1,14 @@
 import json
+from pathlib import Path
 
-from orchestrator.backends.docker_spec import container_config
+from orchestrator.backends.docker_spec import CHANNEL_DIR, container_config
 from orchestrator.settings import SandboxSettings
 
 
-def build(**overrides):
-    return container_config(SandboxSettings(**overrides), name="n", labels={"a": "b"}, seccomp_profile='{"x": 1}')
+def build(channel_dir=None, **overrides):
+    return container_config(
+        SandboxSettings(**overrides), name="n", labels={"a": "b"}, seccomp_profile='{"x": 1}', channel_dir=channel_dir
+    )
 
 
 def test_hardened_by_default():
@@ -27,6 +30,14 @@ def test_hardened_by_default():
     assert all("size=" in options for options in config["tmpfs"].values())
     assert {u["Name"] for u in config["ulimits"]} == {"nofile", "fsize", "core"}
     assert not any("KEY" in k or "TOKEN" in k or "SECRET" in k for k in config["environment"])
+
+
+def test_socket_channel_mounts_only_its_directory_read_only():
+    config = build(channel_dir=Path("/run/x/abc"))
+    assert config["volumes"] == {"/run/x/abc": {"bind": CHANNEL_DIR, "mode": "ro"}}
+    assert config["environment"]["TCI_RUNNER_SOCKET"] == f"{CHANNEL_DIR}/runner.sock"
+    assert config["stdin_open"] is False
+    assert "TCI_RUNNER_SOCKET" not in build()["environment"]
 
 
 def test_limits_and_runtime_are_configurable():

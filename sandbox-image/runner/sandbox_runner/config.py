@@ -36,6 +36,8 @@ class RunnerConfig:
     memory_reserve_bytes: int = 96 * MiB
     # Where the image keeps a prebuilt matplotlib font cache to seed the writable config dir.
     mpl_seed_dir: Path = Path("/opt/mplconfig")
+    # A Unix socket the orchestrator listens on; the runner dials it. None: serve on stdin/stdout.
+    socket: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RunnerConfig:
@@ -61,4 +63,5 @@ class RunnerConfig:
             kernel_memory_bytes=int(num("KERNEL_MEMORY_BYTES", 0)),
             memory_reserve_bytes=int(num("MEMORY_RESERVE_BYTES", cls.memory_reserve_bytes)),
             mpl_seed_dir=Path(env.get("TCI_RUNNER_MPL_SEED_DIR", str(cls.mpl_seed_dir))),
+            socket=Path(env["TCI_RUNNER_SOCKET"]) if env.get("TCI_RUNNER_SOCKET") else None,
         )

@@ -1,4 +1,4 @@
-"""The runner's request loop: frames in on stdin, frames out on stdout."""
+"""The runner's request loop: frames in and out over stdin/stdout, or over a socket it dials."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from . import __version__, procs
@@ -23,6 +24,10 @@ _BOOT_WAIT = 60.0
 # Executes are bounded by the orchestrator; this only guards against a missing or absurd value.
 _MAX_TIMEOUT = 24 * 3600.0
 
+# Redial backoff while the orchestrator's socket is absent or refuses (it is restarting).
+_REDIAL_FIRST = 0.005
+_REDIAL_MAX = 0.5
+
 
 def _timeout_arg(args: dict[str, Any], default: float) -> float | None:
     """The request's ``timeout`` in seconds, or None when it is not a positive number of sane size."""
@@ -35,10 +40,10 @@ def _timeout_arg(args: dict[str, Any], default: float) -> float | None:
 class Runner:
     """Dispatches protocol requests to the kernel supervisor and keeps the session counters."""
 
-    def __init__(self, config: RunnerConfig, supervisor: KernelSupervisor, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, config: RunnerConfig, supervisor: KernelSupervisor) -> None:
         self._config = config
         self._kernel = supervisor
-        self._writer = writer
+        self._writer: asyncio.StreamWriter | None = None
         self._write_lock = asyncio.Lock()
         # One execute at a time, including the leftover-process sweep that follows it.
         self._exec_lock = asyncio.Lock()
@@ -48,13 +53,18 @@ class Runner:
         self.last_execute_at: float | None = None
         self.kernel_error: str | None = None
 
-    async def serve(self, reader: asyncio.StreamReader) -> None:
-        """Read requests until stdin ends; each request is handled in its own task."""
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read requests until the stream ends; each request is handled in its own task.
+
+        Replies always go to the newest stream: an execute still running when its stream broke
+        answers on the next one, where the client ignores the id it does not know.
+        """
+        self._writer = writer
         while True:
             try:
                 message = await read_frame(reader)
             except EOFError:
-                log.info("stdin closed; exiting")
+                log.info("request stream closed")
                 return
             except ProtocolError as exc:
                 # Without a frame boundary the rest of the stream is meaningless.
@@ -66,8 +76,15 @@ class Runner:
 
     async def _send(self, message: dict[str, Any], prefix: bytes = b"") -> None:
         async with self._write_lock:
-            self._writer.write(prefix + encode_frame(message))
-            await self._writer.drain()
+            writer = self._writer
+            if writer is None or writer.is_closing():
+                log.warning("no stream to send reply %s on; dropped", message.get("id"))
+                return
+            try:
+                writer.write(prefix + encode_frame(message))
+                await writer.drain()
+            except OSError as exc:
+                log.warning("reply %s lost: %s", message.get("id"), exc)
 
     async def _handle(self, message: dict[str, Any]) -> None:
         request_id = str(message.get("id", ""))
@@ -177,11 +194,35 @@ async def open_stdio() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return reader, writer
 
 
+async def dial(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to the orchestrator's socket, retrying with backoff until it listens."""
+    delay = _REDIAL_FIRST
+    while True:
+        try:
+            return await asyncio.open_unix_connection(str(path), limit=2**20)
+        except OSError:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _REDIAL_MAX)
+
+
+async def serve_socket(runner: Runner, path: Path) -> None:
+    """Dial out, serve, and dial again whenever the stream ends (an orchestrator restart)."""
+    while True:
+        reader, writer = await dial(path)
+        log.info("connected to %s", path)
+        try:
+            await runner.serve(reader, writer)
+        finally:
+            writer.close()
+
+
 async def run(config: RunnerConfig, kernel_env: dict[str, str]) -> None:
-    """Serve the protocol on stdio while the kernel starts in the background."""
-    reader, writer = await open_stdio()
+    """Start the kernel in the background and serve the protocol meanwhile.
+
+    On stdio the runner exits when stdin ends; on a socket it dials again, for ever.
+    """
     supervisor = KernelSupervisor(config, kernel_env)
-    runner = Runner(config, supervisor, writer)
+    runner = Runner(config, supervisor)
 
     async def start_kernel() -> None:
         for attempt in range(1, 4):
@@ -195,7 +236,10 @@ async def run(config: RunnerConfig, kernel_env: dict[str, str]) -> None:
 
     starter = asyncio.create_task(start_kernel())
     try:
-        await runner.serve(reader)
+        if config.socket is not None:
+            await serve_socket(runner, config.socket)
+        else:
+            await runner.serve(*await open_stdio())
     finally:
         starter.cancel()
         await supervisor.shutdown()
