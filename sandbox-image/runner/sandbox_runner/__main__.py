@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import procs
 from .config import RunnerConfig
-from .server import run
+from .launch import start_kernel
 
 
 def prepare_home(config: RunnerConfig) -> None:
@@ -60,7 +60,12 @@ def main() -> None:
     procs.become_subreaper()
     procs.make_undumpable()
     prepare_home(config)
-    asyncio.run(run(config, kernel_env(config)))
+    env = kernel_env(config)
+    # The kernel starts now, while the rest of the runner (jupyter_client, pyzmq) is imported.
+    launched = start_kernel(env, config.workdir)
+    from .server import run
+
+    asyncio.run(run(config, env, launched))
 
 
 if __name__ == "__main__":

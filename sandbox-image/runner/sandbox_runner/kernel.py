@@ -1,4 +1,4 @@
-"""Supervision of one IPython kernel through jupyter_client.
+"""Supervision of one IPython kernel, spoken to through jupyter_client's client and session.
 
 The kernel is a child process; its death (OOM kill, segfault, ``os._exit``) is observed, explained
 and followed by a restart, never shared by the runner.
@@ -8,31 +8,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
-import queue
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
+import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
-from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.session import Session
 
 from . import procs
 from .config import MiB, RunnerConfig
+from .launch import LaunchedKernel, start_kernel
 from .outputs import OutputCollector
 
 log = logging.getLogger("sandbox_runner")
 
 # How often liveness and memory are checked while waiting for kernel messages.
 _POLL: Final = 0.1
-_KERNEL_ARGS: Final = (
-    "--HistoryManager.enabled=False",
-    "--IPKernelApp.extensions=sandbox_runner.kernel_ext",
-    "--Completer.use_jedi=False",
-)
+_READY_TIMEOUT: Final = 60.0
+# A kernel_info request is sent again this often while a starting kernel has not answered.
+_READY_RESEND: Final = 1.0
 _STATE_LOST: Final = "The kernel was restarted: variables, imports and other session state are lost."
 
 
@@ -64,16 +64,21 @@ class ExecOutcome:
 class KernelSupervisor:
     """Owns the kernel process and its client; restarts it whenever it is lost."""
 
-    def __init__(self, config: RunnerConfig, env: dict[str, str]) -> None:
+    def __init__(self, config: RunnerConfig, env: dict[str, str], launched: LaunchedKernel | None = None) -> None:
         self._config = config
         self._env = env
-        self._km: AsyncKernelManager | None = None
+        # A kernel started before this module was imported (see launch.py), taken over by start().
+        self._launched = launched
+        self._kernel: LaunchedKernel | None = None
         self._kc: AsyncKernelClient | None = None
         self.ready = asyncio.Event()
         self.restarts = 0
         self.startup_seconds: float | None = None
         self.start_error: str | None = None
         self._memory_limit = config.kernel_memory_bytes or self._derived_memory_limit()
+        # The cgroup's OOM kill count when the kernel was last seen well; read between executes so
+        # that no execute waits for it.
+        self._oom_baseline = procs.oom_kill_count()
 
     def _derived_memory_limit(self) -> int | None:
         limit = procs.cgroup_memory_limit()
@@ -84,55 +89,39 @@ class KernelSupervisor:
     @property
     def pid(self) -> int | None:
         """The kernel's process id while it runs."""
-        process = self._process()
-        return process.pid if process is not None else None
-
-    def _process(self) -> subprocess.Popen[bytes] | None:
-        if self._km is None or self._km.provisioner is None:
-            return None
-        return getattr(self._km.provisioner, "process", None)
+        return self._kernel.process.pid if self._kernel is not None else None
 
     def alive(self) -> bool:
         """Whether the kernel process is still running."""
-        process = self._process()
-        return process is not None and process.poll() is None
+        return self._kernel is not None and self._kernel.process.poll() is None
 
     async def start(self) -> None:
-        """Start the kernel and wait until it answers; sets ``ready``."""
-        began = time.monotonic()
+        """Start the kernel (or take over the one started early) and wait until it answers."""
         self.ready.clear()
-        km = AsyncKernelManager(kernel_name="python3")
-        await km.start_kernel(
-            extra_arguments=list(_KERNEL_ARGS),
-            env=self._env,
-            cwd=str(self._config.workdir),
-            # The runner's own stdout is the protocol channel: the kernel must never inherit it.
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        kc = km.client()
-        kc.start_channels()
+        launched, self._launched = self._launched, None
+        if launched is None:
+            launched = start_kernel(self._env, self._config.workdir)
+        procs.raise_oom_score(launched.process.pid)
+        kc = AsyncKernelClient()
+        kc.load_connection_info(cast("KernelConnectionInfo", launched.connection))
+        # No heartbeat (the process itself is watched) and no stdin or control channel (unused).
+        kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)  # noqa: S604 - channels
         try:
-            await kc.wait_for_ready(timeout=60)
-        except Exception:
+            await _wait_until_ready(kc, launched, _READY_TIMEOUT)
+        except BaseException:
             kc.stop_channels()
-            await km.shutdown_kernel(now=True)
+            await _kill(launched)
+            launched.discard()
             raise
-        self._km, self._kc = km, kc
-        if self.pid is not None:
-            procs.raise_oom_score(self.pid)
-        self.startup_seconds = time.monotonic() - began
+        self._kernel, self._kc = launched, kc
+        self._oom_baseline = procs.oom_kill_count()
+        self.startup_seconds = time.monotonic() - launched.started_at
         self.ready.set()
 
     async def restart(self) -> bool:
         """Kill whatever is left of the kernel and start a fresh one; False if it did not start."""
         self.ready.clear()
-        if self._kc is not None:
-            self._kc.stop_channels()
-        if self._km is not None:
-            with contextlib.suppress(Exception):
-                await self._km.shutdown_kernel(now=True)
-        self._km = self._kc = None
+        await self._stop()
         # The dead kernel's children (a memory hog, a server) must not hold on to memory while the new
         # kernel starts; until it does, every descendant of the runner is such a leftover.
         procs.kill_leftovers(keep=set())
@@ -151,18 +140,31 @@ class KernelSupervisor:
             return _STATE_LOST
         return f"{_STATE_LOST} The kernel did not start again ({self.start_error}); the session cannot run more code."
 
-    async def shutdown(self) -> None:
-        """Stop the kernel for good (runner exit)."""
+    async def _stop(self) -> None:
         if self._kc is not None:
             self._kc.stop_channels()
-        if self._km is not None:
-            with contextlib.suppress(Exception):
-                await self._km.shutdown_kernel(now=True)
+        if self._kernel is not None:
+            await _kill(self._kernel)
+            self._kernel.discard()
+        self._kernel = self._kc = None
+
+    async def shutdown(self) -> None:
+        """Stop the kernel for good (runner exit), including one started early and never taken over."""
+        await self._stop()
+        if self._launched is not None:
+            await _kill(self._launched)
+            self._launched.discard()
+            self._launched = None
+
+    def settle(self) -> None:
+        """Bookkeeping after an execute, once its reply is out."""
+        self._oom_baseline = procs.oom_kill_count()
 
     async def interrupt(self) -> None:
-        """Send SIGINT to the kernel (the running execute sees KeyboardInterrupt)."""
-        if self._km is not None and self.alive():
-            await self._km.interrupt_kernel()
+        """Send SIGINT to the kernel's process group (the running execute sees KeyboardInterrupt)."""
+        if self._kernel is not None and self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._kernel.process.pid, signal.SIGINT)
 
     async def execute(self, code: str, timeout: float) -> ExecOutcome:
         """Run ``code``; every failure is described in the outcome, never raised."""
@@ -174,7 +176,7 @@ class KernelSupervisor:
     async def _execute(self, code: str, timeout: float) -> ExecOutcome:
         collector = OutputCollector(self._config.limits)
         if not self.alive():
-            _, cause = self._death_cause(oom_before=None, watchdog=False)
+            _, cause = self._death_cause(self._oom_baseline, watchdog=False)
             note = await self._restart_note()
             collector.add_error(
                 f"KernelDied: the kernel stopped since the last execute ({cause}). {note} "
@@ -182,7 +184,7 @@ class KernelSupervisor:
             )
             return self._outcome(collector, "not_run", state_lost=True)
         assert self._kc is not None
-        oom_before = procs.oom_kill_count()
+        oom_before = self._oom_baseline
         msg_id = self._kc.execute(code, store_history=True, allow_stdin=False, stop_on_error=True)
         loop = asyncio.get_running_loop()
         status = await self._collect(msg_id, collector, loop.time() + timeout)
@@ -192,8 +194,8 @@ class KernelSupervisor:
         if status == "timeout":
             return await self._on_timeout(msg_id, collector, timeout)
         watchdog = status == "memory"
-        if watchdog:
-            await self._kill()
+        if watchdog and self._kernel is not None:
+            await _kill(self._kernel)
         kind, cause = self._death_cause(oom_before, watchdog)
         note = await self._restart_note()
         collector.add_error(f"KernelDied: {cause}. {note}")
@@ -202,6 +204,8 @@ class KernelSupervisor:
     async def _collect(self, msg_id: str, collector: OutputCollector, deadline: float) -> str:
         """Feed iopub messages of ``msg_id`` to ``collector``; return idle, timeout, dead or memory."""
         assert self._kc is not None
+        socket = self._kc.iopub_channel.socket
+        session = self._kc.session
         loop = asyncio.get_running_loop()
         next_check = loop.time() + _POLL
         while True:
@@ -214,13 +218,10 @@ class KernelSupervisor:
                     return "dead"
                 if self._over_memory():
                     return "memory"
-            try:
-                msg = await self._kc.get_iopub_msg(timeout=min(deadline - now, _POLL))
-            except queue.Empty:
+            msg = await _receive(socket, session, min(deadline, next_check))
+            if msg is None or msg["parent_header"].get("msg_id") != msg_id:
                 continue
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            msg_type = msg["header"]["msg_type"]
+            msg_type = msg["header"].get("msg_type")
             if msg_type == "status":
                 if msg["content"].get("execution_state") == "idle":
                     return "idle"
@@ -229,12 +230,12 @@ class KernelSupervisor:
 
     async def _reply_count(self, msg_id: str) -> int | None:
         assert self._kc is not None
-        with contextlib.suppress(queue.Empty):
-            while True:
-                reply = await self._kc.get_shell_msg(timeout=1.0)
-                if reply.get("parent_header", {}).get("msg_id") == msg_id:
-                    count = reply["content"].get("execution_count")
-                    return count if isinstance(count, int) else None
+        socket = self._kc.shell_channel.socket
+        deadline = asyncio.get_running_loop().time() + 1.0
+        while (reply := await _receive(socket, self._kc.session, deadline)) is not None:
+            if reply["parent_header"].get("msg_id") == msg_id:
+                count = reply["content"].get("execution_count")
+                return count if isinstance(count, int) else None
         return None
 
     async def _on_timeout(self, msg_id: str, collector: OutputCollector, timeout: float) -> ExecOutcome:
@@ -249,7 +250,8 @@ class KernelSupervisor:
                 f"TimeoutError: execution exceeded the {limit} s time limit and was interrupted. Session state is kept."
             )
             return self._outcome(collector, "timeout")
-        await self._kill()
+        if self._kernel is not None:
+            await _kill(self._kernel)
         note = await self._restart_note()
         collector.add_error(
             f"TimeoutError: execution exceeded the {limit} s time limit and did not stop when interrupted. {note}"
@@ -260,23 +262,9 @@ class KernelSupervisor:
         pid = self.pid
         return self._memory_limit is not None and pid is not None and procs.tree_memory_exceeds(pid, self._memory_limit)
 
-    async def _kill(self) -> None:
-        process = self._process()
-        if process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(os.getpgid(process.pid), signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        deadline = time.monotonic() + 5
-        # A Popen offers no awaitable exit, and the kernel manager owns the process: poll it.
-        while process.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-
     def _death_cause(self, oom_before: int | None, watchdog: bool) -> tuple[str, str]:
         """(outcome kind, explanation) for a kernel that is gone."""
-        process = self._process()
-        code = process.poll() if process is not None else None
+        code = self._kernel.process.poll() if self._kernel is not None else None
         if watchdog or (oom_before is not None and procs.oom_kill_count() > oom_before):
             limit = self._memory_limit or procs.cgroup_memory_limit()
             size = f" (limit {limit // MiB} MiB)" if limit else ""
@@ -309,3 +297,73 @@ class KernelSupervisor:
             error_summary=collector.error_summary,
             dropped={k: v for k, v in collector.dropped.items() if v},
         )
+
+
+async def _receive(socket: zmq.asyncio.Socket, session: Session, deadline: float) -> dict[str, Any] | None:
+    """The next Jupyter message on ``socket`` before ``deadline`` (loop time); None if none came.
+
+    ``Session.deserialize`` also turns every date in the headers into a ``datetime`` through
+    dateutil, which costs more than the rest of a small execute's handling; only ids, the message
+    type and the content are needed here. The signature is still checked.
+    """
+    try:
+        async with asyncio.timeout_at(deadline):
+            parts = await socket.recv_multipart()
+    except TimeoutError:
+        return None
+    _, frames = session.feed_identities(parts)
+    if len(frames) < 5:
+        return None
+    signature, *signed = (frame if isinstance(frame, bytes) else frame.bytes for frame in frames[:5])
+    if session.auth is not None and not hmac.compare_digest(signature, session.sign(signed)):
+        log.warning("dropped a kernel message with a bad signature")
+        return None
+    try:
+        # The session's unpacker, not json.loads: it replaces invalid UTF-8 (lone surrogates) instead of failing.
+        header, parent, _, content = (session.unpack(part) for part in signed)
+        message = {"header": header, "parent_header": parent, "content": content}
+    except ValueError:
+        return None
+    return message if all(isinstance(part, dict) for part in message.values()) else None
+
+
+async def _wait_until_ready(kc: AsyncKernelClient, kernel: LaunchedKernel, timeout: float) -> None:
+    """Return once the kernel answers ``kernel_info`` and our iopub subscription is live.
+
+    Output published before the subscription reaches the kernel is lost, so a reply on shell
+    alone is not enough: some message must also have come through iopub (ipykernel greets each
+    new subscriber with ``iopub_welcome``; older kernels show the status of a kernel_info).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    iopub_live = replied = False
+    resend_at = loop.time()
+    while not (iopub_live and replied):
+        now = loop.time()
+        code = kernel.process.poll()
+        if code is not None:
+            raise RuntimeError(f"the kernel exited with status {code} while starting")
+        if now >= deadline:
+            raise TimeoutError(f"the kernel did not answer within {timeout:g} s")
+        if now >= resend_at:
+            kc.kernel_info()
+            resend_at = now + _READY_RESEND
+        step = min(deadline, resend_at, now + _POLL)
+        if not iopub_live:
+            iopub_live = await _receive(kc.iopub_channel.socket, kc.session, step) is not None
+            continue
+        reply = await _receive(kc.shell_channel.socket, kc.session, step)
+        replied = reply is not None and reply["header"].get("msg_type") == "kernel_info_reply"
+
+
+async def _kill(kernel: LaunchedKernel) -> None:
+    """SIGKILL the kernel's process group and wait (briefly) for the process to go."""
+    process = kernel.process
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    deadline = time.monotonic() + 5
+    # A Popen offers no awaitable exit: poll it.
+    while process.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)

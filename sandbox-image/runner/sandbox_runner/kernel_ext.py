@@ -35,6 +35,9 @@ from sandbox_runner.outputs import TRUNCATION_MIME
 _STREAMS = ("stdout", "stderr")
 # Upper bound on waiting for fd-level output at the end of a cell (a writer that never stops).
 _DRAIN_SECONDS = 1.0
+# What ipykernel's pipe thread may hold between reading fd output and writing it: one read
+# (1000 bytes) whose invalid bytes each become a 3-byte replacement character.
+_IN_FLIGHT_BYTES = 4096
 
 
 class _Caps:
@@ -75,6 +78,10 @@ class _Caps:
         return capped_write
 
     def report(self, *_: Any) -> None:
+        if not self._may_drop_late_output():
+            # ipykernel flushes both streams itself before it replies; waiting for fd-level output
+            # only matters when what is still on its way could overflow a cap.
+            return
         _drain_fd_output(self.streams)
         with self.lock:
             dropped = {name: count for name, count in self.dropped.items() if count}
@@ -83,6 +90,21 @@ class _Caps:
         from IPython.display import publish_display_data
 
         publish_display_data({TRUNCATION_MIME: dropped})  # type: ignore[no-untyped-call]
+
+    def _may_drop_late_output(self) -> bool:
+        with self.lock:
+            if any(self.dropped.values()):
+                return True
+            used = dict(self.used)
+        for name, stream in zip(_STREAMS, self.streams, strict=True):
+            fd = getattr(stream, "_fid", None)
+            backlog = 0
+            if isinstance(fd, int):
+                with contextlib.suppress(OSError):
+                    backlog = _pipe_backlog(fd)
+            if used[name] + backlog + _IN_FLIGHT_BYTES > self.cap:
+                return True
+        return False
 
 
 def _pipe_backlog(fd: int) -> int:
@@ -169,6 +191,12 @@ def _reap_children(*_: Any) -> None:
     zombie child left at the start of the next execute has no one else to wait for it, unless a
     ``subprocess.Popen`` or ``multiprocessing`` handle still owns it: those report ``-9`` themselves.
     """
+    try:
+        # One syscall in the common case: no child has exited, so there is nothing to collect.
+        if os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            return
+    except ChildProcessError:
+        return  # no children at all
     owned = {handle.pid for handle in list(_handles) if getattr(handle, "returncode", None) is None}
     me = os.getpid()
     for entry in os.scandir("/proc"):

@@ -14,6 +14,7 @@ from . import __version__, procs
 from .config import RunnerConfig
 from .files import FileRejected, check_destinations, prepare_files, write_files
 from .kernel import KernelSupervisor
+from .launch import LaunchedKernel
 from .protocol import OPS, PROTOCOL_VERSION, ProtocolError, encode_frame, fail, ok, read_frame, sync_line
 
 log = logging.getLogger("sandbox_runner")
@@ -182,6 +183,7 @@ class Runner:
             killed = procs.kill_leftovers(keep={kernel_pid} if kernel_pid else set())
             if killed:
                 log.info("killed %d leftover processes after execute %s", len(killed), request_id)
+            self._kernel.settle()
 
 
 async def open_stdio() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -216,12 +218,12 @@ async def serve_socket(runner: Runner, path: Path) -> None:
             writer.close()
 
 
-async def run(config: RunnerConfig, kernel_env: dict[str, str]) -> None:
-    """Start the kernel in the background and serve the protocol meanwhile.
+async def run(config: RunnerConfig, kernel_env: dict[str, str], launched: LaunchedKernel | None = None) -> None:
+    """Wait for the kernel in the background (``launched``, or one started here); serve meanwhile.
 
     On stdio the runner exits when stdin ends; on a socket it dials again, for ever.
     """
-    supervisor = KernelSupervisor(config, kernel_env)
+    supervisor = KernelSupervisor(config, kernel_env, launched)
     runner = Runner(config, supervisor)
 
     async def start_kernel() -> None:
