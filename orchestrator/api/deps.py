@@ -25,7 +25,9 @@ class Services:
     metrics: Metrics
 
 
-def get_services(request: Request) -> Services:
+# Dependencies are async on purpose: FastAPI runs a plain ``def`` dependency in a worker thread,
+# a hand-off that costs more than these lookups on every request.
+async def get_services(request: Request) -> Services:
     services: Services = request.state.services
     return services
 
@@ -33,7 +35,7 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_tenant(services: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> str:
+async def get_tenant(services: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> str:
     return services.authenticator.tenant_for(authorization)
 
 

@@ -67,7 +67,8 @@ def start_kernel(env: dict[str, str], cwd: Path) -> LaunchedKernel:
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "ipykernel_launcher", "-f", str(connection_file), *KERNEL_ARGS],
-            env=env,
+            # ipykernel exits on its own once this parent is gone (as with jupyter_client's launcher).
+            env={**env, "JPY_PARENT_PID": str(os.getpid())},
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             # The runner's own stdout may be the protocol channel: the kernel must never inherit it.
