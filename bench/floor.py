@@ -6,7 +6,7 @@ profile), with two changes: the entrypoint is ``ipykernel_launcher`` instead of 
 one host temp dir is bind-mounted at ``/conn`` for a connection file with ZMQ's ``ipc``
 transport. The kernel binds its sockets as files in that dir and the host's jupyter_client
 connects through them, so no network is needed. What separates the floor from the product is
-then exactly the runner, the attach stream and (for the API) the orchestrator.
+then exactly the runner, its channel and (for the API) the orchestrator.
 """
 
 from __future__ import annotations

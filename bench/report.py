@@ -53,12 +53,14 @@ def verdict_at_most(value: float, limit: float, unit: str, what: str = "") -> st
     return f"{label}MISSED by {_num(value - limit, 2)} {unit} ({_num(100 * (value - limit) / limit, 0)}%)"
 
 
-def verdict_at_least(value: float, limit: float, unit: str) -> str:
+def verdict_at_least(value: float, limit: float, unit: str, what: str = "") -> str:
+    """ "met" or "MISSED by …" for a figure that must reach ``limit``."""
     if math.isnan(value):
         return "n/a"
+    label = f"{what} " if what else ""
     if value >= limit:
-        return f"met ({_num(value - limit, 1)} {unit} to spare)"
-    return f"MISSED by {_num(limit - value, 1)} {unit} ({_num(100 * (limit - value) / limit, 0)}%)"
+        return f"{label}met ({_num(value - limit, 1)} {unit} to spare)"
+    return f"{label}MISSED by {_num(limit - value, 1)} {unit} ({_num(100 * (limit - value) / limit, 0)}%)"
 
 
 def header_lines(meta: dict[str, Any]) -> list[str]:
@@ -91,7 +93,7 @@ def _latency_rows(figures: dict[str, Any]) -> list[Row]:
             "2. Runner protocol execute, print(1)",
             _dist(runner, 2),
             f"floor p50 {_num(floor_p50, 2)} ms: +{_num(overhead, 2)} ms (runner's own kernel time p50 "
-            f"{_num(inside, 2)} ms, so attach stream + framing {_num(_median(runner) - inside, 2)} ms)",
+            f"{_num(inside, 2)} ms, so the channel + framing {_num(_median(runner) - inside, 2)} ms)",
             "p50 ≤ floor + 1 ms",
             verdict_at_most(overhead, 1.0, "ms"),
         )
@@ -131,20 +133,40 @@ def _session_rows(figures: dict[str, Any]) -> list[Row]:
     pool = figures.get("new_session_pool")
     hits = figures.get("pool_hit_rate")
     hit_text = f"pool hits {hits['hits']:.0f}/{hits['claims']:.0f}" if hits else "hit rate n/a"
+    peer = figures.get("llm_sandbox") or {}
+    parts: dict[str, dict[str, Any]] = {
+        name: part for name in ("stateless", "interactive") if isinstance(part := peer.get(name), dict)
+    }
+    fastest_peer = min((_median(part.get("new_session_to_result")) for part in parts.values()), default=math.nan)
+    speedup = fastest_peer / _median(pool)
     rows = [
-        Row("4a. New session → first result, pool hit", _dist(pool, 3), f"{hit_text}; {engine_floor}"),
-        Row("4b. New session → first result, pool off", _dist(figures.get("new_session_cold"), 3), engine_floor),
+        Row(
+            "4a. New session → first result, pool hit",
+            _dist(pool, 3),
+            f"{hit_text}; {engine_floor}; llm-sandbox's fastest new session p50 {_num(fastest_peer, 3)} s "
+            f"({_num(speedup, 1)}x slower)",
+            "p50 ≤ 60 ms; ≥ 6x faster than llm-sandbox's fastest",
+            f"{verdict_at_most(_median(pool) * 1000, 60.0, 'ms', 'p50:')}; "
+            f"{verdict_at_least(speedup, 6.0, 'x', 'speed-up:')}",
+        ),
+        Row(
+            "4b. New session → first result, pool off",
+            _dist(figures.get("new_session_cold"), 3),
+            engine_floor,
+            "p50 ≤ 1.5 s",
+            verdict_at_most(_median(figures.get("new_session_cold")), 1.5, "s"),
+        ),
         Row("4c. docker run --rm python -c print(1) (engine floor)", _dist(docker_run, 3), "same flags as a session"),
     ]
-    peer = figures.get("llm_sandbox") or {}
     if not peer:
         rows.append(Row("4d. llm-sandbox", "not measured"))
         return rows
     if peer.get("error"):
         rows.append(Row("4d. llm-sandbox", f"failed: {peer['error']}"))
         return rows
+    ours = _median(figures.get("http_warm"))
     for name, label in (("stateless", "SandboxSession"), ("interactive", "InteractiveSandboxSession")):
-        part = peer.get(name)
+        part = parts.get(name)
         if part is None:
             rows.append(Row(f"4d. llm-sandbox {label}", f"failed: {peer.get('errors', {}).get(name, 'not run')}"))
             continue
@@ -155,11 +177,14 @@ def _session_rows(figures: dict[str, Any]) -> list[Row]:
                 f"close p50 {_num(_median(part.get('close')), 3)} s; {engine_floor}",
             )
         )
+        ratio = _median(part.get("run_in_open_session")) / ours
         rows.append(
             Row(
                 f"4e. llm-sandbox {label}: run in open session",
                 _dist(part.get("run_in_open_session"), 1),
-                f"ours (HTTP warm) p50 {_num(_median(figures.get('http_warm')), 2)} ms",
+                f"ours (HTTP warm) p50 {_num(ours, 2)} ms: {_num(ratio, 1)}x faster",
+                "ours ≥ 20x faster",
+                verdict_at_least(ratio, 20.0, "x"),
             )
         )
     return rows
