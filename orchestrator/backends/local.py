@@ -64,7 +64,10 @@ class LocalBackend:
             "IPYTHONDIR": str(root / "home" / ".ipython"),
             "MPLCONFIGDIR": str(root / "home" / ".config" / "matplotlib"),
             "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
+            # The kernel's connection and socket files go with the root when the runner is killed.
+            "TMPDIR": str(root / "tmp"),
         }
+        (root / "tmp").mkdir()
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-s", "-m", "sandbox_runner",

@@ -40,7 +40,9 @@ def anyio_backend() -> str:
 
 
 @contextlib.asynccontextmanager
-async def spawn_runner(root: Path, socket: Path | None = None) -> AsyncIterator[asyncio.subprocess.Process]:
+async def spawn_runner(
+    root: Path, socket: Path | None = None, tmpdir: Path | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """``python -s -m sandbox_runner`` with its writable directories under ``root``.
 
     Raw pipes as its channel, or with ``socket`` the runner dials that path instead.
@@ -48,6 +50,8 @@ async def spawn_runner(root: Path, socket: Path | None = None) -> AsyncIterator[
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TCI_", "JPY_"))}
     if socket is not None:
         env["TCI_RUNNER_SOCKET"] = str(socket)
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     for var, name in {
         "TCI_RUNNER_WORKDIR": "workspace",
         "IPYTHONDIR": "ipython",
@@ -246,7 +250,9 @@ async def test_runner_dials_the_socket_and_dials_again_after_a_restart(tmp_path:
     try:
         channels = SocketChannels(root, "contract", max_frame_bytes=MAX_FRAME)
         socket = await channels.open("k") / SOCKET_NAME
-        async with spawn_runner(tmp_path, socket=socket):
+        kernel_tmp = root / "tmp"
+        kernel_tmp.mkdir()
+        async with spawn_runner(tmp_path, socket=socket, tmpdir=kernel_tmp):
             first = RunnerClient(
                 *await channels.accept("k", timeout=30), max_frame_bytes=MAX_FRAME, hang_up_on_failure=True
             )
@@ -269,8 +275,14 @@ async def test_runner_dials_the_socket_and_dials_again_after_a_restart(tmp_path:
             assert hello["execute_count"] == 1
             result = await third.request("execute", {"code": "print(x + 1)", "timeout": 10}, timeout=30)
             assert result["outputs"] == [{"type": "stdout", "data": "42\n"}], "state survives a reconnect"
+            kernel_pid = (await third.request("stats", {}, timeout=10))["kernel_pid"]
+            assert list(kernel_tmp.iterdir()), "the kernel's connection files live in TMPDIR"
             await third.close()
             await restarted.close("k")
+        # The runner was stopped with SIGTERM: it shut its kernel down and removed the kernel's files.
+        with pytest.raises(ProcessLookupError):
+            os.kill(kernel_pid, 0)
+        assert not list(kernel_tmp.iterdir())
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -65,7 +66,8 @@ def main() -> None:
     launched = start_kernel(env, config.workdir)
     from .server import run
 
-    asyncio.run(run(config, env, launched))
+    with contextlib.suppress(asyncio.CancelledError):  # SIGTERM; run() has shut the kernel down
+        asyncio.run(run(config, env, launched))
 
 
 if __name__ == "__main__":

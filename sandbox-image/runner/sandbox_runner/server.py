@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -237,6 +238,10 @@ async def run(config: RunnerConfig, kernel_env: dict[str, str], launched: Launch
                 log.exception("kernel start attempt %d failed", attempt)
 
     starter = asyncio.create_task(start_kernel())
+    main = asyncio.current_task()
+    if main is not None:
+        # A stop (docker stop, a test's terminate) shuts the kernel down and removes its files.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     try:
         if config.socket is not None:
             await serve_socket(runner, config.socket)
@@ -244,4 +249,7 @@ async def run(config: RunnerConfig, kernel_env: dict[str, str], launched: Launch
             await runner.serve(*await open_stdio())
     finally:
         starter.cancel()
+        # A kernel still starting cleans up after itself; let it finish doing so.
+        with contextlib.suppress(asyncio.CancelledError):
+            await starter
         await supervisor.shutdown()
