@@ -214,6 +214,8 @@ def _reap_children(*_: Any) -> None:
 
 def load_ipython_extension(ip: Any) -> None:
     """Entry point IPython calls when the kernel starts with this extension."""
+    if "debugpy" in sys.modules and sys.modules["debugpy"] is None:
+        del sys.modules["debugpy"]  # blocked by kernel_launcher while the kernel was built
     caps = _Caps(int(os.environ.get("TCI_KERNEL_MAX_STREAM_BYTES", str(1024 * 1024))))
     for name in _STREAMS:
         stream = getattr(sys, name)

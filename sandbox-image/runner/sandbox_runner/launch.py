@@ -57,7 +57,7 @@ def connection_info(directory: Path) -> dict[str, Any]:
 
 
 def start_kernel(env: dict[str, str], cwd: Path) -> LaunchedKernel:
-    """Start ``python -m ipykernel_launcher`` in a session of its own; returns at once."""
+    """Start the kernel (``kernel_launcher``) in a session of its own; returns at once."""
     directory = Path(tempfile.mkdtemp(prefix="tci-kernel-"))
     connection = connection_info(directory)
     connection_file = directory / "connection.json"
@@ -66,7 +66,7 @@ def start_kernel(env: dict[str, str], cwd: Path) -> LaunchedKernel:
         json.dump(connection, handle)
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "ipykernel_launcher", "-f", str(connection_file), *KERNEL_ARGS],
+            [sys.executable, "-m", "sandbox_runner.kernel_launcher", "-f", str(connection_file), *KERNEL_ARGS],
             # ipykernel exits on its own once this parent is gone (as with jupyter_client's launcher).
             env={**env, "JPY_PARENT_PID": str(os.getpid())},
             cwd=cwd,
