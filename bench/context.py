@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +37,21 @@ class Context:
     figures: dict[str, Any] = field(default_factory=dict)
     servers: list[Server] = field(default_factory=list)
     cleanup: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    # Runner sockets of the whole run, removed with it (containers removed by label leave theirs).
+    socket_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tci-bench-")))
 
     def settings(self, name: str) -> Settings:
         """Settings for containers the benchmark starts itself (defaults, own instance, run label)."""
-        return Settings(instance=f"{self.run_id}-{name}", test_run_label=self.run_id)
+        return Settings(instance=f"{self.run_id}-{name}", test_run_label=self.run_id, socket_dir=self.socket_dir)
 
     def start_server(self, name: str, env: dict[str, str]) -> Server:
-        server = Server(name, run_id=self.run_id, log_dir=self.work_dir / "logs" / self.run_id, env=env)
+        server = Server(
+            name,
+            run_id=self.run_id,
+            log_dir=self.work_dir / "logs" / self.run_id,
+            socket_dir=self.socket_dir,
+            env=env,
+        )
         self.servers.append(server)
         server.start()
         return server
@@ -68,4 +78,6 @@ class Context:
                 say(f"stopping server {server.name} failed: {exc}")
         self.servers.clear()
         self.cleanup.close()
-        return engine.remove_labelled(self.docker, engine.run_label(self.run_id))
+        removed = engine.remove_labelled(self.docker, engine.run_label(self.run_id))
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        return removed

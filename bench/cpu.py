@@ -14,8 +14,9 @@ from pathlib import Path
 _TICKS = os.sysconf("SC_CLK_TCK")
 # First match wins: (group, substring of the command line).
 _GROUPS = (
-    # The kernel first: its command line names the runner's kernel extension too.
-    ("kernel", "ipykernel_launcher"),
+    # The kernel first: its command line names the runner's package too. "kernel_launcher" matches
+    # both ipykernel's launcher and the runner's own (sandbox_runner.kernel_launcher).
+    ("kernel", "kernel_launcher"),
     ("runner", "sandbox_runner"),
     ("orchestrator", "-m orchestrator"),
     ("dockerd", "dockerd"),

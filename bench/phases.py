@@ -42,6 +42,7 @@ async def latency_and_pool(ctx: Context) -> None:
     ctx.figures["kernel_start_to_ready"] = figure(starts.start_to_ready, "s")
     ctx.figures["kernel_create_to_ready"] = figure(starts.create_to_ready, "s")
     ctx.figures["kernel_startup_runner"] = figure(starts.kernel_startup, "s")
+    ctx.figures["kernel_start_call"] = figure(starts.start_call, "s")
 
     say(f"new sessions from a full pool of {POOL_SIZE}: {ctx.plan.pool_hits}")
     hits_before, misses_before = await asyncio.to_thread(server.pool_claims)

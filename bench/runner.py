@@ -66,11 +66,13 @@ class RunnerSandbox:
 
 @dataclass
 class KernelStarts:
-    """Seconds per repetition: start→ready, create→ready, and the runner's own kernel start."""
+    """Seconds per repetition: start→ready, create→ready, the runner's own kernel start, the start call."""
 
     start_to_ready: list[float] = field(default_factory=list)
     create_to_ready: list[float] = field(default_factory=list)
     kernel_startup: list[float] = field(default_factory=list)
+    start_call: list[float] = field(default_factory=list)
+    """How long the engine's ``start`` call itself took (part of ``start_to_ready``)."""
 
 
 async def kernel_starts(backend: DockerBackend, count: int, progress: Callable[[str], None]) -> KernelStarts:
@@ -87,6 +89,7 @@ async def kernel_starts(backend: DockerBackend, count: int, progress: Callable[[
         try:
             started_at = time.perf_counter()
             await backend.start_sandbox(sandbox.sandbox_id)
+            start_returned = time.perf_counter()
             client = await backend.connect(sandbox, _READY_TIMEOUT)
             ready = await _ready(client)
             done = time.perf_counter()
@@ -97,6 +100,7 @@ async def kernel_starts(backend: DockerBackend, count: int, progress: Callable[[
                 await backend.destroy(sandbox.sandbox_id)
         result.start_to_ready.append(done - started_at)
         result.create_to_ready.append(done - created_at)
+        result.start_call.append(start_returned - started_at)
         startup = ready.get("kernel_startup_seconds")
         if isinstance(startup, int | float):
             result.kernel_startup.append(float(startup))

@@ -44,8 +44,11 @@ def auth(key: str) -> dict[str, str]:
 class Server:
     """One orchestrator subprocess; ``start`` returns once ``/readyz`` says ready."""
 
-    def __init__(self, name: str, *, run_id: str, log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, *, run_id: str, log_dir: Path, socket_dir: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
+        self._socket_dir = socket_dir
         self.instance = f"{run_id}-{name}"
         self._run_id = run_id
         self._log_path = log_dir / f"server-{name}.log"
@@ -66,6 +69,7 @@ class Server:
                 "ORCH_INSTANCE": self.instance,
                 "ORCH_TEST_RUN_LABEL": self._run_id,
                 "ORCH_LOG_FORMAT": "json",
+                "ORCH_SOCKET_DIR": str(self._socket_dir),
                 **self._overrides,
             }
         )

@@ -117,6 +117,8 @@ class SocketChannels:
         if listener is not None:
             await self._stop(listener)
         shutil.rmtree(self.host_dir(key), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self._dir.rmdir()  # only once it is empty: the instance's last sandbox is gone
 
     async def close_all(self) -> None:
         """Stop every listener; directories stay so that runners find them after a restart."""

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Generator, Iterator
 from functools import cache
 from pathlib import Path
@@ -91,8 +93,9 @@ def server(
         # The local backend's `!python` / `!pip` must be this venv's, never the system's.
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     )
+    socket_dir = Path(tempfile.mkdtemp(prefix="tci-compat-"))
     if backend == "docker":
-        env.update(ORCH_INSTANCE=run_id, ORCH_TEST_RUN_LABEL=run_id)
+        env.update(ORCH_INSTANCE=run_id, ORCH_TEST_RUN_LABEL=run_id, ORCH_SOCKET_DIR=str(socket_dir))
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "orchestrator", "--host", "127.0.0.1", "--port", str(port)],
@@ -124,6 +127,7 @@ def server(
             process.wait(timeout=10)
         if backend == "docker":
             _remove_test_containers(run_id)
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -62,8 +61,10 @@ def main() -> None:
     procs.make_undumpable()
     prepare_home(config)
     env = kernel_env(config)
-    # The kernel starts now, while the rest of the runner (jupyter_client, pyzmq) is imported.
+    # The kernel starts now, while the rest of the runner (asyncio, jupyter_client, pyzmq) is imported.
     launched = start_kernel(env, config.workdir)
+    import asyncio
+
     from .server import run
 
     with contextlib.suppress(asyncio.CancelledError):  # SIGTERM; run() has shut the kernel down
