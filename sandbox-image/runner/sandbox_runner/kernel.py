@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
+import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.connect import KernelConnectionInfo
@@ -33,6 +34,8 @@ _POLL: Final = 0.1
 _READY_TIMEOUT: Final = 60.0
 # A kernel_info request is sent again this often while a starting kernel has not answered.
 _READY_RESEND: Final = 1.0
+# Messages kept per socket when nobody reads them (a background thread printing between executes).
+_INBOX_LIMIT: Final = 10_000
 _STATE_LOST: Final = "The kernel was restarted: variables, imports and other session state are lost."
 
 
@@ -70,7 +73,7 @@ class KernelSupervisor:
         # A kernel started before this module was imported (see launch.py), taken over by start().
         self._launched = launched
         self._kernel: LaunchedKernel | None = None
-        self._kc: AsyncKernelClient | None = None
+        self._link: _Link | None = None
         self.ready = asyncio.Event()
         self.restarts = 0
         self.startup_seconds: float | None = None
@@ -106,14 +109,15 @@ class KernelSupervisor:
         kc.load_connection_info(cast("KernelConnectionInfo", launched.connection))
         # No heartbeat (the process itself is watched) and no stdin or control channel (unused).
         kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)  # noqa: S604 - channels
+        link = _Link(kc)
         try:
-            await _wait_until_ready(kc, launched, _READY_TIMEOUT)
+            await _wait_until_ready(link, launched, _READY_TIMEOUT)
         except BaseException:
-            kc.stop_channels()
+            link.close()
             await _kill(launched)
             launched.discard()
             raise
-        self._kernel, self._kc = launched, kc
+        self._kernel, self._link = launched, link
         self._oom_baseline = procs.oom_kill_count()
         self.startup_seconds = time.monotonic() - launched.started_at
         self.ready.set()
@@ -141,12 +145,12 @@ class KernelSupervisor:
         return f"{_STATE_LOST} The kernel did not start again ({self.start_error}); the session cannot run more code."
 
     async def _stop(self) -> None:
-        if self._kc is not None:
-            self._kc.stop_channels()
+        if self._link is not None:
+            self._link.close()
         if self._kernel is not None:
             await _kill(self._kernel)
             self._kernel.discard()
-        self._kernel = self._kc = None
+        self._kernel = self._link = None
 
     async def shutdown(self) -> None:
         """Stop the kernel for good (runner exit), including one started early and never taken over."""
@@ -183,9 +187,9 @@ class KernelSupervisor:
                 "Your code was not run; send it again."
             )
             return self._outcome(collector, "not_run", state_lost=True)
-        assert self._kc is not None
+        assert self._link is not None
         oom_before = self._oom_baseline
-        msg_id = self._kc.execute(code, store_history=True, allow_stdin=False, stop_on_error=True)
+        msg_id = self._link.client.execute(code, store_history=True, allow_stdin=False, stop_on_error=True)
         loop = asyncio.get_running_loop()
         status = await self._collect(msg_id, collector, loop.time() + timeout)
         if status == "idle":
@@ -203,9 +207,8 @@ class KernelSupervisor:
 
     async def _collect(self, msg_id: str, collector: OutputCollector, deadline: float) -> str:
         """Feed iopub messages of ``msg_id`` to ``collector``; return idle, timeout, dead or memory."""
-        assert self._kc is not None
-        socket = self._kc.iopub_channel.socket
-        session = self._kc.session
+        assert self._link is not None
+        inbox = self._link.iopub
         loop = asyncio.get_running_loop()
         next_check = loop.time() + _POLL
         while True:
@@ -218,7 +221,7 @@ class KernelSupervisor:
                     return "dead"
                 if self._over_memory():
                     return "memory"
-            msg = await _receive(socket, session, min(deadline, next_check))
+            msg = await inbox.get(min(deadline, next_check))
             if msg is None or msg["parent_header"].get("msg_id") != msg_id:
                 continue
             msg_type = msg["header"].get("msg_type")
@@ -229,10 +232,10 @@ class KernelSupervisor:
             collector.feed(msg_type, msg["content"])
 
     async def _reply_count(self, msg_id: str) -> int | None:
-        assert self._kc is not None
-        socket = self._kc.shell_channel.socket
+        assert self._link is not None
+        inbox = self._link.shell
         deadline = asyncio.get_running_loop().time() + 1.0
-        while (reply := await _receive(socket, self._kc.session, deadline)) is not None:
+        while (reply := await inbox.get(deadline)) is not None:
             if reply["parent_header"].get("msg_id") == msg_id:
                 count = reply["content"].get("execution_count")
                 return count if isinstance(count, int) else None
@@ -299,18 +302,63 @@ class KernelSupervisor:
         )
 
 
-async def _receive(socket: zmq.asyncio.Socket, session: Session, deadline: float) -> dict[str, Any] | None:
-    """The next Jupyter message on ``socket`` before ``deadline`` (loop time); None if none came.
+class _Inbox:
+    """Every message one kernel socket delivers, in order, read by a task of its own.
+
+    Waiting with a timeout then cancels a queue read, which loses nothing. A cancelled *receive*
+    could: one cancelled just after it took a message off the socket drops that message, and an
+    ``idle`` lost so stalls an execute until its timeout.
+    """
+
+    def __init__(self, socket: zmq.asyncio.Socket, session: Session) -> None:
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._task = asyncio.create_task(self._pump(socket, session))
+
+    async def _pump(self, socket: zmq.asyncio.Socket, session: Session) -> None:
+        with contextlib.suppress(zmq.ZMQError):  # the socket was closed
+            while True:
+                message = _decode(session, await socket.recv_multipart())
+                if message is None:
+                    continue
+                if self._queue.qsize() >= _INBOX_LIMIT:
+                    self._queue.get_nowait()  # nobody is reading (output between executes): keep the newest
+                self._queue.put_nowait(message)
+
+    async def get(self, deadline: float) -> dict[str, Any] | None:
+        """The next message, or None if none came before ``deadline`` (loop time)."""
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._queue.get()
+        except TimeoutError:
+            return None
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
+class _Link:
+    """The client of one kernel and the inboxes of the two sockets the runner reads."""
+
+    def __init__(self, client: AsyncKernelClient) -> None:
+        self.client = client
+        self.iopub = _Inbox(client.iopub_channel.socket, client.session)
+        self.shell = _Inbox(client.shell_channel.socket, client.session)
+
+    def close(self) -> None:
+        self.iopub.close()
+        self.shell.close()
+        self.client.stop_channels()
+
+
+def _decode(session: Session, parts: list[bytes]) -> dict[str, Any] | None:
+    """A Jupyter message's header, parent header and content; None if it is malformed or forged.
 
     ``Session.deserialize`` also turns every date in the headers into a ``datetime`` through
     dateutil, which costs more than the rest of a small execute's handling; only ids, the message
     type and the content are needed here. The signature is still checked.
     """
-    try:
-        async with asyncio.timeout_at(deadline):
-            parts = await socket.recv_multipart()
-    except TimeoutError:
-        return None
     _, frames = session.feed_identities(parts)
     if len(frames) < 5:
         return None
@@ -327,7 +375,7 @@ async def _receive(socket: zmq.asyncio.Socket, session: Session, deadline: float
     return message if all(isinstance(part, dict) for part in message.values()) else None
 
 
-async def _wait_until_ready(kc: AsyncKernelClient, kernel: LaunchedKernel, timeout: float) -> None:
+async def _wait_until_ready(link: _Link, kernel: LaunchedKernel, timeout: float) -> None:
     """Return once the kernel answers ``kernel_info`` and our iopub subscription is live.
 
     Output published before the subscription reaches the kernel is lost, so a reply on shell
@@ -346,13 +394,13 @@ async def _wait_until_ready(kc: AsyncKernelClient, kernel: LaunchedKernel, timeo
         if now >= deadline:
             raise TimeoutError(f"the kernel did not answer within {timeout:g} s")
         if now >= resend_at:
-            kc.kernel_info()
+            link.client.kernel_info()
             resend_at = now + _READY_RESEND
         step = min(deadline, resend_at, now + _POLL)
         if not iopub_live:
-            iopub_live = await _receive(kc.iopub_channel.socket, kc.session, step) is not None
+            iopub_live = await link.iopub.get(step) is not None
             continue
-        reply = await _receive(kc.shell_channel.socket, kc.session, step)
+        reply = await link.shell.get(step)
         replied = reply is not None and reply["header"].get("msg_type") == "kernel_info_reply"
 
 
