@@ -67,6 +67,20 @@ class SocketChannels:
         self._limit = max_frame_bytes + 1024
         self._listeners: dict[str, _Listener] = {}
 
+    def check(self) -> None:
+        """Fail early on a socket directory that cannot work (too long a path, not creatable).
+
+        Raises:
+            RunnerFailure: with what to change.
+        """
+        longest = self.host_dir("0" * 16) / SOCKET_NAME
+        if len(str(longest)) > MAX_SOCKET_PATH:
+            raise RunnerFailure(f"socket paths such as {longest} exceed {MAX_SOCKET_PATH} bytes; shorten socket_dir")
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunnerFailure(f"cannot create the socket directory {self._dir}: {exc}") from exc
+
     def host_dir(self, key: str) -> Path:
         """The directory to bind-mount (read-only) into the sandbox with this key."""
         return self._dir / key

@@ -94,6 +94,8 @@ class DockerBackend:
         return self._client
 
     async def start(self) -> None:
+        if self._sockets is not None:
+            self._sockets.check()
         if self._client is None:
             pool = max(self._settings.docker_max_concurrent_calls, 10)
             self._client = await self._call(docker.from_env, max_pool_size=pool)

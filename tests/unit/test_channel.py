@@ -117,5 +117,12 @@ async def test_close_removes_the_directory_and_sweep_removes_only_old_unknown_on
 
 async def test_an_overlong_socket_path_is_refused(tmp_path: Path) -> None:
     channels = SocketChannels(tmp_path / ("x" * 120), "inst", max_frame_bytes=1 << 20)
+    with pytest.raises(RunnerFailure, match="exceed 107 bytes; shorten socket_dir"):
+        channels.check()  # at start-up, before any session
     with pytest.raises(RunnerFailure, match="longer than 107 bytes"):
         await channels.open("k")
+
+
+def test_check_creates_the_instance_directory(root: Path) -> None:
+    SocketChannels(root / "nested", "inst", max_frame_bytes=1 << 20).check()
+    assert instance_dir(root / "nested", "inst").is_dir()
