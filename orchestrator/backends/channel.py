@@ -23,11 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-import structlog
-
 from ..errors import RunnerFailure
-
-log = structlog.get_logger(__name__)
 
 SOCKET_NAME: Final = "runner.sock"
 # The kernel's limit on a Unix socket path (sun_path), including the terminating NUL.

@@ -235,12 +235,14 @@ class DockerBackend:
             filters={"label": labels.selector(self._settings.instance)},
         )
         found = []
+        listed_keys = set()
         for container in containers:
             attrs = container.attrs
             container_labels = attrs.get("Labels") or {}
             name = (attrs.get("Names") or [""])[0].lstrip("/")
             if key := container_labels.get(labels.CHANNEL):
                 self._channel_keys[container.id] = key
+                listed_keys.add(key)
             found.append(
                 SandboxInfo(
                     sandbox_id=container.id,
@@ -252,9 +254,8 @@ class DockerBackend:
                 )
             )
         if self._sockets is not None:
-            # Socket directories of sandboxes that were removed while no orchestrator ran.
-            keep = set(self._channel_keys.values())
-            self._sockets.sweep(keep, grace=self._settings.orphan_grace_seconds)
+            # Directories of sandboxes removed behind our back; ones being created still listen.
+            self._sockets.sweep(listed_keys, grace=self._settings.orphan_grace_seconds)
         return found
 
     async def destroy(self, sandbox_id: str) -> None:

@@ -96,20 +96,21 @@ class _Caps:
             if any(self.dropped.values()):
                 return True
             used = dict(self.used)
-        for name, stream in zip(_STREAMS, self.streams, strict=True):
-            fd = getattr(stream, "_fid", None)
-            backlog = 0
-            if isinstance(fd, int):
-                with contextlib.suppress(OSError):
-                    backlog = _pipe_backlog(fd)
-            if used[name] + backlog + _IN_FLIGHT_BYTES > self.cap:
-                return True
-        return False
+        return any(
+            used[name] + _fd_backlog(stream) + _IN_FLIGHT_BYTES > self.cap
+            for name, stream in zip(_STREAMS, self.streams, strict=True)
+        )
 
 
-def _pipe_backlog(fd: int) -> int:
-    """Bytes waiting to be read from the pipe ``fd``."""
-    count = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+def _fd_backlog(stream: Any) -> int:
+    """Bytes of fd-level output waiting in ``stream``'s pipe; 0 when its fds are not watched."""
+    fd = getattr(stream, "_fid", None)  # ipykernel's read end of the pipe, None if not watched
+    if not isinstance(fd, int):
+        return 0
+    try:
+        count = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
     return int(struct.unpack("i", count)[0])
 
 
@@ -122,10 +123,8 @@ def _drain_fd_output(streams: list[Any]) -> None:
     """
     deadline = time.monotonic() + _DRAIN_SECONDS
     for stream in streams:
-        fd = getattr(stream, "_fid", None)  # ipykernel's read end of the pipe, None if not watched
-        with contextlib.suppress(OSError):
-            while isinstance(fd, int) and _pipe_backlog(fd) and time.monotonic() < deadline:
-                time.sleep(0.001)
+        while _fd_backlog(stream) and time.monotonic() < deadline:
+            time.sleep(0.001)
         # flush() waits for the I/O thread, which lets the pipe thread write what it read last.
         stream.flush()
 
