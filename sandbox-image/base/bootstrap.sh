@@ -27,14 +27,26 @@ if docker pull "debian:$suite-slim"; then
 fi
 
 log "pull failed (no registry?); building $base_image with debootstrap from $mirror"
-if ! command -v debootstrap >/dev/null 2>&1; then
-    echo "bootstrap: debootstrap is not installed. Install it, then re-run:" >&2
-    echo "    apt-get update && apt-get install -y debootstrap" >&2
-    exit 1
-fi
+# debootstrap chroots and creates device nodes: it needs root. Where we can
+# become root without a password, run the rest as root so `make up` /
+# `make test` stay the whole set-up; otherwise say what to run.
 if [[ $(id -u) -ne 0 ]]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        log "re-running as root with sudo"
+        exec sudo -n --preserve-env=BASE_IMAGE,DEBIAN_MIRROR,DEBIAN_SECURITY_MIRROR,TMPDIR "$0" "$@"
+    fi
     echo "bootstrap: debootstrap needs root (it chroots and creates device nodes); re-run as root" >&2
     exit 1
+fi
+if ! command -v debootstrap >/dev/null 2>&1; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: debootstrap is not installed and there is no apt-get to install it with;" >&2
+        echo "    install debootstrap with your package manager, then re-run." >&2
+        exit 1
+    fi
+    log "installing debootstrap with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap
 fi
 
 rootfs="$(mktemp -d "${TMPDIR:-/tmp}/tci-rootfs.XXXXXX")"
