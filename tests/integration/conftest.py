@@ -28,7 +28,8 @@ from orchestrator.settings import SandboxSettings, Settings
 
 IMAGE = os.environ.get("ORCH_SANDBOX__IMAGE", "tci-sandbox:latest")
 AUTH = {"Authorization": "Bearer sk-integration"}
-RUN_PREFIX = "it"
+# Parallel checkouts sharing one engine set their own prefix so they never sweep each other's containers.
+RUN_PREFIX = os.environ.get("ORCH_TEST_RUN_PREFIX", "it")
 
 
 def _unavailable(reason: str) -> None:
