@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -67,6 +67,44 @@ class SandboxSettings(BaseModel):
         """A short digest of everything that makes two sandboxes interchangeable (pool matching)."""
         digest = hashlib.sha256(self.model_dump_json().encode()).hexdigest()
         return digest[:12]
+
+
+class PackageSettings(BaseModel):
+    """`!pip install` inside sandboxes: through the index gate to the package cache, nothing else."""
+
+    enabled: bool = True
+    """False: sandboxes get no index at all and pip says installs are disabled on this server."""
+    cache_url: str = "http://127.0.0.1:3141"
+    """The package cache (``python -m orchestrator.package_cache``; compose runs it as a service)."""
+    max_download_bytes: int = Field(1024 * MiB, ge=MiB)
+    """Bytes one session may download through the gate over its life (index pages included)."""
+    request_timeout_seconds: float = Field(120, gt=0)
+    """Longest one index or file request may take (a cold file is fetched upstream first)."""
+    max_concurrent_requests: int = Field(4, ge=1)
+    """Requests one session has in flight; more wait their turn (within the timeout)."""
+
+
+class PackageCacheSettings(BaseModel):
+    """The package cache process (``python -m orchestrator.package_cache``): upstream and disk."""
+
+    host: str = "127.0.0.1"
+    port: int = 3141
+    upstream_url: str = "https://pypi.org/simple/"
+    """The index the cache mirrors (PEP 503 simple API)."""
+    upstream_ca_bundle: Path | None = None
+    """Extra CA certificates (PEM) trusted for the upstream, e.g. a corporate TLS proxy's."""
+    upstream_username: str | None = None
+    upstream_password: SecretStr | None = None
+    upstream_password_file: Path | None = None
+    """A file holding the upstream password (a mounted secret); wins over ``upstream_password``."""
+    cache_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / f"tci-package-cache-{os.getuid()}")
+    cache_bytes: int = Field(5 * 1024 * MiB, ge=16 * MiB)
+    """Files beyond this are evicted, least used first."""
+    index_ttl_seconds: int = Field(1800, ge=0)
+    """How long an index page is served before it is asked for again; on upstream failure the
+    last good page keeps being served."""
+    download_timeout_seconds: float = Field(110, gt=0)
+    threads: int = Field(16, ge=1)
 
 
 class Settings(BaseSettings):
@@ -129,6 +167,8 @@ class Settings(BaseSettings):
     """Extra label value put on every container (test suites clean up by it)."""
 
     sandbox: SandboxSettings = SandboxSettings()
+    packages: PackageSettings = PackageSettings()
+    package_cache: PackageCacheSettings = PackageCacheSettings()
 
     @field_validator("instance")
     @classmethod

@@ -1,7 +1,8 @@
 """Runner channels over Unix sockets: the host listens, the runner inside the sandbox dials out.
 
 Each sandbox gets a directory of its own on the host, ``<socket_dir>/<instance digest>/<key>/``,
-holding one listening socket, ``runner.sock``. The directory is bind-mounted **read-only** into
+holding one listening socket, ``runner.sock`` (and, with package installs on, the index gate's
+``index.sock``: see ``index_gate.py``). The directory is bind-mounted **read-only** into
 that sandbox (and no other), so code inside can connect but can neither replace the socket nor
 add entries; which sandbox a connection comes from is known by the socket it arrived on, so no
 shared secret is needed. Unlike the engine's attach stream, bytes go straight from one process to
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Final
 
 from ..errors import RunnerFailure
+from ..index_gate import IndexGate
 
 SOCKET_NAME: Final = "runner.sock"
 # The kernel's limit on a Unix socket path (sun_path), including the terminating NUL.
@@ -37,8 +39,13 @@ class _Listener:
     server: asyncio.Server | None = None
     waiting: Connection | None = None
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    stopped: bool = False
 
     def offer(self, connection: Connection) -> None:
+        if self.stopped:
+            # Accepted by the loop just before the server closed: nobody will ever take it.
+            connection[1].close()
+            return
         if self.waiting is not None:
             self.waiting[1].close()
         self.waiting = connection
@@ -58,10 +65,11 @@ def instance_dir(root: Path, instance: str) -> Path:
 class SocketChannels:
     """One listening socket per sandbox, keyed by a random token recorded on the sandbox."""
 
-    def __init__(self, root: Path, instance: str, *, max_frame_bytes: int) -> None:
+    def __init__(self, root: Path, instance: str, *, max_frame_bytes: int, gate: IndexGate | None = None) -> None:
         self._dir = instance_dir(root, instance)
         self._limit = max_frame_bytes + 1024
         self._listeners: dict[str, _Listener] = {}
+        self._gate = gate
 
     def check(self) -> None:
         """Fail early on a socket directory that cannot work (too long a path, not creatable).
@@ -102,6 +110,8 @@ class SocketChannels:
 
         listener.server = await asyncio.start_unix_server(on_connect, path=str(path), limit=self._limit)
         path.chmod(0o666)
+        if self._gate is not None:
+            await self._gate.open_sandbox(key, directory)
         self._listeners[key] = listener
         return directory
 
@@ -126,19 +136,24 @@ class SocketChannels:
         listener = self._listeners.pop(key, None)
         if listener is not None:
             await self._stop(listener)
+        if self._gate is not None:
+            await self._gate.close_sandbox(key)
         shutil.rmtree(self.host_dir(key), ignore_errors=True)
         with contextlib.suppress(OSError):
             self._dir.rmdir()  # only once it is empty: the instance's last sandbox is gone
 
     async def close_all(self) -> None:
         """Stop every listener; directories stay so that runners find them after a restart."""
-        listeners, self._listeners = list(self._listeners.values()), {}
-        for listener in listeners:
+        listeners, self._listeners = dict(self._listeners), {}
+        for key, listener in listeners.items():
             await self._stop(listener)
+            if self._gate is not None:
+                await self._gate.close_sandbox(key)
 
     @staticmethod
     async def _stop(listener: _Listener) -> None:
         # Not wait_closed(): from Python 3.12 it also waits for the connection a client still holds.
+        listener.stopped = True
         if listener.server is not None:
             listener.server.close()
         waiting = listener.take()

@@ -25,6 +25,7 @@ import requests
 import structlog
 
 from ..errors import BackendUnavailable, RunnerFailure, SandboxImageMissing, SandboxStartFailed
+from ..index_gate import IndexGate
 from ..models import Claim, SandboxInfo
 from ..runner_client import RunnerClient
 from ..settings import Settings
@@ -71,9 +72,14 @@ class DockerBackend:
         self._limiter = anyio.CapacityLimiter(settings.docker_max_concurrent_calls)
         self._seccomp = load_seccomp_profile(settings)
         self._profile = settings.sandbox.profile_key()
+        socket_channel = settings.sandbox.channel == "socket"
+        # Package installs need the socket directory: the gate listens beside the runner's socket.
+        self._gate = IndexGate(settings.packages) if socket_channel and settings.packages.enabled else None
         self._sockets = (
-            SocketChannels(settings.socket_dir, settings.instance, max_frame_bytes=settings.max_frame_bytes)
-            if settings.sandbox.channel == "socket"
+            SocketChannels(
+                settings.socket_dir, settings.instance, max_frame_bytes=settings.max_frame_bytes, gate=self._gate
+            )
+            if socket_channel
             else None
         )
         # Sandbox id -> its runner socket key, for sandboxes created or listed by this process.
@@ -96,6 +102,8 @@ class DockerBackend:
     async def start(self) -> None:
         if self._sockets is not None:
             self._sockets.check()
+        if self._gate is not None:
+            await self._gate.start()
         if self._client is None:
             pool = max(self._settings.docker_max_concurrent_calls, 10)
             self._client = await self._call(docker.from_env, max_pool_size=pool)
@@ -103,6 +111,8 @@ class DockerBackend:
     async def close(self) -> None:
         if self._sockets is not None:
             await self._sockets.close_all()
+        if self._gate is not None:
+            await self._gate.close()
         if self._client is not None:
             self._client.close()
 
@@ -143,6 +153,7 @@ class DockerBackend:
             ),
             seccomp_profile=self._seccomp,
             channel_dir=channel_dir,
+            packages=self._settings.packages if self._gate is not None else None,
         )
         try:
             container = await self._call(self.client.containers.create, **config)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..settings import SandboxSettings
+from .. import index_gate
+from ..settings import PackageSettings, SandboxSettings
 from .channel import SOCKET_NAME
 
 SANDBOX_UID_GID = "10001"
@@ -30,6 +31,31 @@ def runner_environment(sandbox: SandboxSettings) -> dict[str, str]:
     }
 
 
+def pip_environment(sandbox: SandboxSettings, packages: PackageSettings | None) -> dict[str, str]:
+    """How pip inside the sandbox reaches the index: the gate's relay, or a fast, explicit refusal.
+
+    ``packages`` None means no gate for this sandbox (installs off, or the attach channel).
+    """
+    if packages is not None:
+        return {
+            "PIP_INDEX_URL": index_gate.SANDBOX_INDEX_URL,
+            # A cold file is fetched upstream by the cache before the first byte reaches pip.
+            "PIP_TIMEOUT": str(int(packages.request_timeout_seconds) + 10),
+            "PIP_RETRIES": "1",
+            # The shared cache makes a per-session one pointless; it would only fill the home tmpfs.
+            "PIP_NO_CACHE_DIR": "1",
+            # Progress bars are cursor codes in a cell's captured stdout.
+            "PIP_PROGRESS_BAR": "off",
+            "PIP_NO_COLOR": "1",
+            "TCI_RUNNER_INDEX_SOCKET": f"{CHANNEL_DIR}/{index_gate.SOCKET_NAME}",
+            "TCI_RUNNER_INDEX_PORT": str(index_gate.SANDBOX_PORT),
+        }
+    if sandbox.network == "none":
+        # Nothing listens there: pip fails at once, and its "Looking in indexes" line says why.
+        return {"PIP_INDEX_URL": index_gate.DISABLED_INDEX_URL, "PIP_RETRIES": "0"}
+    return {}  # egress configured on purpose: pip goes wherever the network lets it
+
+
 def container_config(
     sandbox: SandboxSettings,
     *,
@@ -37,6 +63,7 @@ def container_config(
     labels: dict[str, str],
     seccomp_profile: str,
     channel_dir: Path | None = None,
+    packages: PackageSettings | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``docker.models.containers.ContainerCollection.create``.
 
@@ -47,6 +74,8 @@ def container_config(
         seccomp_profile: the profile's JSON text (the Engine API takes content, not a path).
         channel_dir: the host directory holding this sandbox's runner socket, mounted read-only;
             None: the runner talks over its attached stdin/stdout instead.
+        packages: the index gate's settings when the gate listens in ``channel_dir``; None: no
+            package index for this sandbox.
     """
     config: dict[str, Any] = {
         "image": sandbox.image,
@@ -87,6 +116,7 @@ def container_config(
     if channel_dir is not None:
         config["volumes"] = {str(channel_dir): {"bind": CHANNEL_DIR, "mode": "ro"}}
         config["environment"]["TCI_RUNNER_SOCKET"] = f"{CHANNEL_DIR}/{SOCKET_NAME}"
+    config["environment"].update(pip_environment(sandbox, packages if channel_dir is not None else None))
     if sandbox.runtime:
         config["runtime"] = sandbox.runtime
     return config

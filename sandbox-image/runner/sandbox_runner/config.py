@@ -38,6 +38,9 @@ class RunnerConfig:
     mpl_seed_dir: Path = Path("/opt/mplconfig")
     # A Unix socket the orchestrator listens on; the runner dials it. None: serve on stdin/stdout.
     socket: Path | None = None
+    # The index gate's socket, relayed to 127.0.0.1:index_port for pip. None: no package index.
+    index_socket: Path | None = None
+    index_port: int = 3141
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RunnerConfig:
@@ -64,4 +67,6 @@ class RunnerConfig:
             memory_reserve_bytes=int(num("MEMORY_RESERVE_BYTES", cls.memory_reserve_bytes)),
             mpl_seed_dir=Path(env.get("TCI_RUNNER_MPL_SEED_DIR", str(cls.mpl_seed_dir))),
             socket=Path(env["TCI_RUNNER_SOCKET"]) if env.get("TCI_RUNNER_SOCKET") else None,
+            index_socket=Path(env["TCI_RUNNER_INDEX_SOCKET"]) if env.get("TCI_RUNNER_INDEX_SOCKET") else None,
+            index_port=int(num("INDEX_PORT", cls.index_port)),
         )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, procs
+from . import relay as index_relay
 from .config import RunnerConfig
 from .files import FileRejected, check_destinations, prepare_files, write_files
 from .kernel import KernelSupervisor
@@ -238,6 +239,12 @@ async def run(config: RunnerConfig, kernel_env: dict[str, str], launched: Launch
                 log.exception("kernel start attempt %d failed", attempt)
 
     starter = asyncio.create_task(start_kernel())
+    relay = None
+    if config.index_socket is not None:
+        try:
+            relay = await index_relay.serve(config.index_port, config.index_socket)
+        except OSError:
+            log.exception("the package-index relay did not start; pip installs will fail")
     main = asyncio.current_task()
     if main is not None:
         # A stop (docker stop, a test's terminate) shuts the kernel down and removes its files.
@@ -248,6 +255,8 @@ async def run(config: RunnerConfig, kernel_env: dict[str, str], launched: Launch
         else:
             await runner.serve(*await open_stdio())
     finally:
+        if relay is not None:
+            relay.close()
         starter.cancel()
         # A kernel still starting cleans up after itself; let it finish doing so.
         with contextlib.suppress(asyncio.CancelledError):

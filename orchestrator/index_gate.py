@@ -1,0 +1,186 @@
+"""The index gate: a sandbox's only way out, and only to the package cache's index and files.
+
+A sandbox has no network interface but loopback. Beside its runner socket, in the same read-only
+directory, each sandbox gets ``index.sock``; the runner relays pip's HTTP from ``127.0.0.1:3141``
+inside the sandbox to it. This gate answers there. It lets through exactly ``GET``/``HEAD`` of
+``/simple/<project>/`` and of the files those pages link to, forwards them to the package cache
+(``package_cache.py``, which alone talks to the upstream index), and counts each session's bytes.
+Everything else is refused with a status whose reason phrase says why: pip prints it.
+
+Which session a request belongs to is the socket it arrived on, as for the runner channel: code
+in a sandbox can reach its own socket only, so it can neither borrow another session's budget nor
+reach anything but the cache's read-only index. The cache never stores what a sandbox sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from .settings import MiB, PackageSettings
+
+log = structlog.get_logger(__name__)
+
+SOCKET_NAME: Final = "index.sock"
+# Inside the sandbox: where pip finds the index (the runner relays this port to ``SOCKET_NAME``).
+SANDBOX_PORT: Final = 3141
+SANDBOX_INDEX_URL: Final = f"http://127.0.0.1:{SANDBOX_PORT}/simple/"
+# What pip shows (as "Looking in indexes: …") when installs are off; nothing listens there.
+DISABLED_INDEX_URL: Final = f"http://127.0.0.1:{SANDBOX_PORT}/package-installs-are-disabled-on-this-server/"
+
+# PEP 503 normalised project names, and distribution file names (wheels, sdists, PEP 658
+# ``.metadata``) as the cache links them: relative, one path segment, no escapes.
+_PATH = re.compile(
+    r"^/simple/(?P<project>[a-z0-9](?:[a-z0-9-]{0,198}[a-z0-9])?)/"
+    r"(?P<file>[A-Za-z0-9][A-Za-z0-9._+!-]{0,254})?$"
+)
+# Response headers worth passing on; hop-by-hop ones and the cache's own are dropped.
+_PASS_HEADERS: Final = ("Content-Type", "Content-Length", "Content-Encoding", "ETag", "Last-Modified", "Vary")
+_CHUNK: Final = 64 * 1024
+
+
+def cache_path(method: str, raw_path: str) -> str | None:
+    """The package cache's path for an allowed request, else None (pure; ``raw_path`` undecoded)."""
+    if method not in {"GET", "HEAD"}:
+        return None
+    match = _PATH.match(raw_path)
+    if match is None or ".." in raw_path:
+        return None
+    return f"/index/{match['project']}/{match['file'] or ''}"
+
+
+@dataclass
+class _Budget:
+    """One session's allowance: bytes over its life, requests at once."""
+
+    slots: asyncio.Semaphore
+    site: web.UnixSite
+    path: str
+    used: int = 0
+
+
+def _refuse(status: int, reason: str) -> web.Response:
+    # pip reports a file download's failure as "<status> Client Error: <reason> for url: …".
+    return web.Response(status=status, reason=reason, text=reason + "\n")
+
+
+class IndexGate:
+    """Serves every sandbox's ``index.sock``; owns the HTTP client to the package cache."""
+
+    def __init__(self, settings: PackageSettings) -> None:
+        self._settings = settings
+        self._upstream = settings.cache_url.rstrip("/")
+        self._budgets: dict[str, _Budget] = {}
+        self._by_path: dict[str, str] = {}
+        self._runner: web.AppRunner | None = None
+        self._client: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the client and the (socketless) server the per-sandbox sites attach to."""
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        # Bytes pass through as the cache sent them: Content-Length must match what pip reads.
+        self._client = aiohttp.ClientSession(
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            connector=aiohttp.TCPConnector(limit=64),
+        )
+
+    async def close(self) -> None:
+        """Stop every site and the client."""
+        for key in list(self._budgets):
+            await self.close_sandbox(key)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._client is not None:
+            await self._client.close()
+
+    async def open_sandbox(self, key: str, directory: Path) -> None:
+        """Listen on ``directory/index.sock`` for the sandbox ``key`` (again, after a restart)."""
+        if key in self._budgets or self._runner is None:
+            return
+        path = directory / SOCKET_NAME
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # left by an earlier orchestrator process
+        site = web.UnixSite(self._runner, str(path))
+        await site.start()
+        path.chmod(0o666)  # the sandbox's user connects through the read-only mount
+        self._budgets[key] = _Budget(asyncio.Semaphore(self._settings.max_concurrent_requests), site, str(path))
+        self._by_path[str(path)] = key
+
+    async def close_sandbox(self, key: str) -> None:
+        """Stop listening for ``key`` (idempotent); its budget goes with it."""
+        budget = self._budgets.pop(key, None)
+        if budget is None:
+            return
+        self._by_path.pop(budget.path, None)
+        with contextlib.suppress(RuntimeError):
+            await budget.site.stop()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        key = self._by_path.get(str(sockname))
+        budget = self._budgets.get(key) if key is not None else None
+        if budget is None:
+            return _refuse(410, "this sandbox has ended")
+        path = cache_path(request.method, request.raw_path)
+        if path is None:
+            return _refuse(403, "only the package index is reachable from a sandbox")
+        limit = self._settings.max_download_bytes
+        if budget.used >= limit:
+            return _refuse(403, f"this session's download limit of {limit // MiB} MiB is used up")
+        try:
+            async with asyncio.timeout(self._settings.request_timeout_seconds):
+                async with budget.slots:
+                    return await self._forward(request, path, budget)
+        except TimeoutError:
+            log.warning("index_request_timeout", path=path, session_key=key)
+            return _refuse(504, f"the package cache did not answer within {self._settings.request_timeout_seconds:g} s")
+
+    async def _forward(self, request: web.Request, path: str, budget: _Budget) -> web.StreamResponse:
+        assert self._client is not None
+        headers = {name: request.headers[name] for name in ("Accept", "Accept-Encoding") if name in request.headers}
+        limit = self._settings.max_download_bytes
+        response: web.StreamResponse | None = None
+        try:
+            async with self._client.request(
+                request.method, self._upstream + path, headers=headers, allow_redirects=False
+            ) as upstream:
+                if 300 <= upstream.status < 400:
+                    # The cache gave up fetching the file and points at the origin, which a sandbox
+                    # must never be sent to.
+                    return _refuse(502, "the package cache could not fetch this file from the upstream index")
+                length = upstream.content_length
+                if length is not None and budget.used + length > limit:
+                    return _refuse(403, f"this download would exceed the session's limit of {limit // MiB} MiB")
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for name in _PASS_HEADERS:
+                    if name in upstream.headers:
+                        response.headers[name] = upstream.headers[name]
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_chunked(_CHUNK):
+                    budget.used += len(chunk)
+                    if budget.used > limit:
+                        break  # length unknown up front: cut the transfer, pip reports it broken
+                    await response.write(chunk)
+                else:
+                    await response.write_eof()
+                    return response
+        except (aiohttp.ClientError, OSError) as exc:
+            if response is None:
+                log.warning("package_cache_unreachable", error=str(exc))
+                return _refuse(502, "the package cache is unreachable")
+            # Headers are sent: either side went away mid-transfer; all that is left is to hang up.
+        if request.transport is not None:
+            request.transport.close()
+        return response

@@ -1,0 +1,1 @@
+"""Helpers several suites (tests, bench) share: processes and proxies they start for themselves."""
