@@ -87,8 +87,8 @@ lint: venv ## ruff and mypy --strict
 up: image ## Build what is missing, then run the service on 127.0.0.1:$(PORT)
 	@echo "==> $(COMPOSE) build orchestrator"
 	BASE_IMAGE=$(BASE_IMAGE) SANDBOX_IMAGE=$(IMAGE) $(COMPOSE) build orchestrator
-	@echo "==> $(COMPOSE) up -d orchestrator"
-	BASE_IMAGE=$(BASE_IMAGE) SANDBOX_IMAGE=$(IMAGE) ORCH_PORT=$(PORT) $(COMPOSE) up -d orchestrator
+	@echo "==> $(COMPOSE) up -d orchestrator (and the package cache)"
+	BASE_IMAGE=$(BASE_IMAGE) SANDBOX_IMAGE=$(IMAGE) ORCH_PORT=$(PORT) CA_BUNDLE=$(CA_BUNDLE) $(COMPOSE) up -d orchestrator
 	@echo "==> waiting for http://127.0.0.1:$(PORT)/readyz"
 	@for i in $$(seq 120); do \
 		if curl -fsS http://127.0.0.1:$(PORT)/readyz >/dev/null 2>&1; then \

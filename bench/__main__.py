@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--out .bench/results.json]``: run every phase, print the table, write JSON.
+"""``python -m bench [--quick] [--only PHASE] [--out .bench/results.json]``: run every phase, print the table, write JSON.
 
 Everything the benchmark starts carries one run id: orchestrator servers get it as their test-run
 label, and every container (ours, the servers', llm-sandbox's) is labelled with it, so the
@@ -35,6 +35,7 @@ WORK_DIR = Path(".bench")
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run of every phase")
+    parser.add_argument("--only", action="append", metavar="PHASE", help="run only this phase (repeatable)")
     parser.add_argument("--out", type=Path, default=WORK_DIR / "results.json", help="where to write the JSON")
     return parser.parse_args(argv)
 
@@ -52,7 +53,7 @@ def _sweep_stale(ctx: Context) -> None:
         say(f"removed {len(stale)} containers left by earlier benchmark runs")
 
 
-async def _run_phases(ctx: Context, errors: dict[str, str]) -> None:
+async def _run_phases(ctx: Context, errors: dict[str, str], only: list[str] | None = None) -> None:
     async def in_thread(fn: Callable[[Context], None]) -> None:
         await asyncio.to_thread(fn, ctx)
 
@@ -61,8 +62,11 @@ async def _run_phases(ctx: Context, errors: dict[str, str]) -> None:
         ("scale", lambda: phases.scale(ctx)),
         ("peers", lambda: in_thread(phases.peers)),
         ("burst", lambda: phases.burst(ctx)),
+        ("package_installs", lambda: phases.package_installs(ctx)),
     ]
     for name, step in steps:
+        if only and name not in only:
+            continue
         say(f"== phase {name}")
         began = time.monotonic()
         try:
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     try:
         _sweep_stale(ctx)
-        asyncio.run(_run_phases(ctx, results["errors"]))
+        asyncio.run(_run_phases(ctx, results["errors"], args.only))
     except KeyboardInterrupt:
         interrupted = True
         results["errors"]["interrupted"] = "stopped by a signal; figures are partial"

@@ -11,7 +11,7 @@ from typing import Any
 
 from orchestrator.backends.docker import DockerBackend
 
-from . import cpu, load, peer
+from . import cpu, load, packages, peer
 from .api import WarmSession, new_session_latencies
 from .context import Context, figure
 from .floor import FloorKernel
@@ -215,3 +215,21 @@ async def burst(ctx: Context) -> None:
         "leftover_session_containers": after_stop,
         "pool_containers_after_stop": pool_after_stop,
     }
+
+
+async def package_installs(ctx: Context) -> None:
+    """Figure 8: the same `!pip install` cold (through an empty cache) and cached; installs off."""
+    count = ctx.plan.package_installs
+    say(f"package installs: {count} cold/cached pairs of {', '.join(packages.PACKAGES)}")
+    cold, cached = await asyncio.to_thread(
+        packages.install_latencies, ctx.start_server, ctx.stop_server, ctx.work_dir, KEY, count, say
+    )
+    ctx.figures["install_cold"] = figure(cold, "s")
+    ctx.figures["install_cached"] = figure(cached, "s")
+    server = ctx.start_server("installs-off", {"ORCH_PACKAGES__ENABLED": "false"})
+    try:
+        ctx.figures["install_disabled"] = figure(
+            await asyncio.to_thread(packages.disabled_latencies, server, KEY, max(count, 3)), "s"
+        )
+    finally:
+        ctx.stop_server(server)

@@ -24,6 +24,8 @@ class Plan:
     throughput_seconds: float
     memory_levels: tuple[int, ...]
     burst_requests: int
+    package_installs: int
+    """Cold/cached install pairs, each on an empty package cache."""
 
     @property
     def latency_samples(self) -> int:
@@ -49,6 +51,7 @@ FULL = Plan(
     throughput_seconds=10.0,
     memory_levels=(10, 100),
     burst_requests=100,
+    package_installs=3,
 )
 
 QUICK = Plan(
@@ -67,4 +70,5 @@ QUICK = Plan(
     throughput_seconds=3.0,
     memory_levels=(10,),
     burst_requests=30,
+    package_installs=1,
 )

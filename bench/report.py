@@ -266,6 +266,33 @@ def _burst_rows(figures: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _install_rows(figures: dict[str, Any]) -> list[Row]:
+    cold, cached, off = figures.get("install_cold"), figures.get("install_cached"), figures.get("install_disabled")
+    if not cold or not cached:
+        return [Row("8. `!pip install` of 5 small packages", "not measured")]
+    ratio = _median(cold) / _median(cached) if _median(cached) else math.nan
+    return [
+        Row(
+            "8. `!pip install` of 5 small packages, cold cache (upstream fetch)",
+            _dist(cold, 2),
+        ),
+        Row(
+            "8b. the same install in a new session, from the cache",
+            _dist(cached, 2),
+            f"cold p50 {_num(_median(cold), 2)} s: {_num(ratio, 1)}x faster",
+            "≥ 3x faster than cold",
+            verdict_at_least(ratio, 3.0, "x"),
+        ),
+        Row(
+            "8c. `!pip install` of a new package with installs off",
+            _dist(off, 2),
+            "pip fails at once and names the reason",
+            "p99 < 2 s",
+            verdict_at_most(_p99(off), 2.0, "s"),
+        ),
+    ]
+
+
 def rows(results: dict[str, Any]) -> list[Row]:
     figures = results.get("figures", {})
     return [
@@ -274,6 +301,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
         *_throughput_rows(figures),
         *_memory_rows(figures),
         *_burst_rows(figures),
+        *_install_rows(figures),
     ]
 
 

@@ -19,10 +19,16 @@ Only the gate talks to this process; keep it off any network a sandbox or a user
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import subprocess
+import sys
 import tempfile
+import time
 import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +115,57 @@ def load_app(settings: PackageCacheSettings) -> Any:
     from proxpi.server import app
 
     return app
+
+
+def settings_environment(settings: PackageCacheSettings) -> dict[str, str]:
+    """``ORCH_PACKAGE_CACHE__*`` variables that reproduce ``settings`` in another process (pure)."""
+    env = {}
+    for name, value in settings.model_dump(exclude_none=True).items():
+        secret = getattr(settings, name)
+        env[f"ORCH_PACKAGE_CACHE__{name.upper()}"] = (
+            secret.get_secret_value() if hasattr(secret, "get_secret_value") else str(value)
+        )
+    return env
+
+
+@contextlib.contextmanager
+def spawn(
+    settings: PackageCacheSettings, *, env: Mapping[str, str] | None = None, log_path: Path | None = None
+) -> Iterator[str]:
+    """Run the cache as a child process until the block ends; yields its URL once it answers.
+
+    ``env`` is the child's environment (default: this process's, without other ``ORCH_``
+    settings); ``log_path`` receives its output.
+
+    Raises:
+        RuntimeError: it exited or did not answer within 30 s.
+    """
+    base = dict(os.environ if env is None else env)
+    child_env = {k: v for k, v in base.items() if not k.startswith("ORCH_")} | settings_environment(settings)
+    url = f"http://{settings.host}:{settings.port}"
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(log_path.open("ab")) if log_path is not None else subprocess.DEVNULL
+        process = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.package_cache"], env=child_env, stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2):  # noqa: S310 - our own URL
+                        break
+                except OSError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"the package cache did not start (log: {log_path})") from None
+                    time.sleep(0.1)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,16 +28,10 @@ import pytest
 # tests/ is on sys.path (rootdir conftest, no __init__.py), so the helpers in tests/sdk import as `sdk`.
 from sdk.harness import SdkRunner, Server
 from sdk.venvs import ensure_sdk_venv
+from support.package_cache import free_port
 
 SDK_VERSIONS = {"v1": "1.5.35", "v2": "2.42.0"}
 SERVER_START_TIMEOUT = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _progress(config: pytest.Config) -> Callable[[str], None]:
@@ -80,7 +73,7 @@ def server(
     """The real server on a free loopback port, for one backend."""
     backend: str = request.param
     run_id = f"compat-{secrets.token_hex(4)}"
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp(f"server-{backend}") / "server.log"
     # No ORCH_* from the caller's shell, and no PYTEST_* (ipykernel stops capturing fd output under pytest).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "PYTEST_", "TCI_"))}
