@@ -239,8 +239,8 @@ def test_installs_from_anywhere_but_the_index_fail(api: TestClient, command: str
 
 def test_the_download_cap_holds(server_factory: Callable[..., TestClient]) -> None:
     capped = server_factory(max_download_bytes=1024 * 1024)
-    # black's wheel is larger than 1 MiB.
-    data = execute(capped, "!pip install --no-deps black")
+    # Faker's wheel (pure Python, mostly locale data) is about 2 MiB.
+    data = execute(capped, "!pip install --no-deps faker")
     out = text_of(data, "stdout") + text_of(data, "stderr")
     assert "download limit" in out or "exceed the session's limit of 1 MiB" in out, data["outputs"]
     assert "Successfully installed" not in out, data["outputs"]
