@@ -103,12 +103,27 @@ def test_install_pure_and_compiled_packages(api: TestClient) -> None:
 
 
 def test_two_sessions_installing_at_once_both_succeed(api: TestClient) -> None:
+    # The two other ways in: IPython's %pip, and pip as a subprocess of the user's code.
+    magic = "%pip install termcolor tabulate\nimport termcolor, tabulate\nprint('imported')"
+    subprocess_call = (
+        "import subprocess, sys\n"
+        "subprocess.run(['pip', 'install', 'toolz', 'tabulate'], check=True)\n"
+        "import toolz, tabulate\nprint('imported')"
+    )
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda pkgs: install(api, *pkgs), [("termcolor", PURE), ("toolz", PURE)]))
+        results = list(pool.map(lambda code: execute(api, code), [magic, subprocess_call]))
     for data in results:
         assert data["outcome"] == "ok", data["outputs"]
         assert text_of(data, "stdout").rstrip().endswith("imported"), data["outputs"]
     assert results[0]["session_id"] != results[1]["session_id"]
+
+
+def test_an_sdist_builds_with_what_the_image_has(api: TestClient) -> None:
+    # Its build backend and their dependencies come through the same gate.
+    data = execute(api, "!pip install --no-binary termcolor termcolor\nimport termcolor\nprint('imported')")
+    stdout = text_of(data, "stdout")
+    assert "Building wheel for termcolor" in stdout, data["outputs"]
+    assert stdout.rstrip().endswith("imported"), data["outputs"]
 
 
 def test_cached_installs_work_while_the_upstream_is_down(api: TestClient, upstream: CuttableProxy) -> None:
