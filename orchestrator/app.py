@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from starlette.routing import Route
 
 from . import __version__
-from .api import files, health, tci
+from .api import files, health, playground, tci
 from .api.deps import Services
 from .api.errors import install_error_handlers
 from .api.mcp import PATH as mcp_path
@@ -78,6 +78,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         app.include_router(tci.router, prefix=prefix)
         app.include_router(files.router, prefix=prefix)
     app.include_router(health.router)
+    app.include_router(playground.router)
     app.router.routes.append(Route(mcp_path, mcp, methods=["GET", "POST", "DELETE"], include_in_schema=False))
     # Added last = outermost: paths are normalised before routing, bodies capped before parsing.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
