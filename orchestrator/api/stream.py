@@ -16,10 +16,9 @@ import json
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Final
 
-import anyio
 import structlog
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.types import Message
 
 from ..errors import OrchestratorError
 from ..models import ExecuteResult
@@ -38,10 +37,10 @@ def wants_stream(accept: str | None) -> bool:
     return accept is not None and MEDIA_TYPE in accept.lower()
 
 
-def sse(event: str, data: Any) -> str:
-    """One server-sent event; JSON has no raw newlines, so ``data`` is a single line."""
-    payload = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    return f"event: {event}\ndata: {payload}\n\n"
+def _event(name: str, data: Any) -> ServerSentEvent:
+    # ASCII JSON: one line per event (no raw newline), and encodable even if a forged frame held
+    # a lone surrogate.
+    return ServerSentEvent(data=json.dumps(data, allow_nan=False, separators=(",", ":")), event=name, sep="\n")
 
 
 class _Watcher:
@@ -61,41 +60,11 @@ class _Watcher:
         self.items.put_nowait(item)
 
 
-class _EventStream(StreamingResponse):
-    """A streaming response that notices a client leaving even while nothing is being written."""
-
-    def __init__(self, body: AsyncIterator[str], on_abandon: Callable[[], None], headers: dict[str, str]) -> None:
-        super().__init__(body, media_type=MEDIA_TYPE, headers=headers)
-        self._on_abandon = on_abandon
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        finished = False
-        try:
-            async with anyio.create_task_group() as group:
-
-                async def stream() -> None:
-                    nonlocal finished
-                    with contextlib.suppress(OSError):
-                        await self.stream_response(send)
-                        finished = True
-                    group.cancel_scope.cancel()
-
-                async def listen() -> None:
-                    await self.listen_for_disconnect(receive)
-                    group.cancel_scope.cancel()
-
-                group.start_soon(stream)
-                group.start_soon(listen)
-        finally:
-            if not finished:
-                self._on_abandon()
-
-
 async def stream_execute(
     run: Callable[[_Watcher], Coroutine[Any, Any, ExecuteResult]],
     interrupt: Callable[[str], Coroutine[Any, Any, bool]],
     keepalive: float,
-) -> StreamingResponse:
+) -> EventSourceResponse:
     """Start ``run`` and answer once its code starts; raise its error if it fails before that.
 
     ``interrupt(session_id)`` is called when the client leaves before the result.
@@ -111,25 +80,18 @@ async def stream_execute(
     if task.done() and not watcher.begun.is_set():
         task.result()  # an error before the code started is raised as the JSON route raises it
 
-    async def events() -> AsyncIterator[str]:
-        while True:
-            try:
-                item = await asyncio.wait_for(watcher.items.get(), keepalive)
-            except TimeoutError:
-                yield ": keep-alive\n\n"
-                continue
-            if item is None:
-                break
-            yield sse("output", item)
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        while (item := await watcher.items.get()) is not None:
+            yield _event("output", item)
         try:
             result = task.result()
         except OrchestratorError as exc:
             # Not expected once code runs (the session layer answers with outputs), but never a 5xx.
-            yield sse("error", render_error(exc.status_code, exc.message, exc.type, exc.code, exc.param))
+            yield _event("error", render_error(exc.status_code, exc.message, exc.type, exc.code, exc.param))
             return
-        yield sse("result", render_execute(result))
+        yield _event("result", render_execute(result))
 
-    def abandon() -> None:
+    async def abandon(_: Message) -> None:
         if task.done() or watcher.session_id is None:
             return
         session_id = watcher.session_id
@@ -143,7 +105,8 @@ async def stream_execute(
         _ABANDONED.add(pending)
         pending.add_done_callback(_ABANDONED.discard)
 
-    headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-    if watcher.session_id is not None:
-        headers[SESSION_HEADER] = watcher.session_id
-    return _EventStream(events(), abandon, headers)
+    headers = {SESSION_HEADER: watcher.session_id} if watcher.session_id is not None else {}
+    # sse-starlette sends the keep-alive comments and notices a client that leaves, even mid-silence.
+    return EventSourceResponse(
+        events(), headers=headers, ping=keepalive, sep="\n", client_close_handler_callable=abandon
+    )
