@@ -136,6 +136,36 @@ class FileListData(BaseModel):
 class FileListResponse(BaseModel):
     """``GET /tci/sessions/{id}/files`` reply."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "data": {
+                        "path": "",
+                        "entries": [
+                            {
+                                "name": "plots",
+                                "path": "plots",
+                                "type": "directory",
+                                "size": 0,
+                                "modified_at": "2026-11-30T04:00:00Z",
+                            },
+                            {
+                                "name": "result.csv",
+                                "path": "result.csv",
+                                "type": "file",
+                                "size": 5120,
+                                "modified_at": "2026-11-30T04:01:12.5Z",
+                            },
+                        ],
+                        "truncated": False,
+                    },
+                    "errors": None,
+                }
+            ]
+        }
+    )
+
     data: FileListData
     errors: None = None
 
@@ -147,6 +177,10 @@ class FileWrittenData(BaseModel):
 
 class FileWrittenResponse(BaseModel):
     """``PUT /tci/sessions/{id}/files/{path}`` reply."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"data": {"path": "data/input.parquet", "size": 48213}, "errors": None}]}
+    )
 
     data: FileWrittenData
     errors: None = None
@@ -160,6 +194,12 @@ class InterruptData(BaseModel):
 
 class InterruptResponse(BaseModel):
     """``POST /tci/sessions/{id}/interrupt`` reply."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"data": {"session_id": "ses_abc123def456ghi789jkl0", "interrupted": True}, "errors": None}]
+        }
+    )
 
     data: InterruptData
     errors: None = None

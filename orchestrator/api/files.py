@@ -11,7 +11,7 @@ from pathlib import PurePosixPath
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from starlette.responses import StreamingResponse
 
 from ..schemas import FileListResponse, FileWrittenResponse, rfc3339
@@ -19,6 +19,7 @@ from .deps import ServicesDep, TenantDep
 from .responses import TCIJSONResponse
 from .tci import ERRORS
 
+_PathParam = Annotated[str, Path(description="Relative to the working directory.", examples=["plots/figure.png"])]
 router = APIRouter(tags=["session files"], default_response_class=TCIJSONResponse)
 
 _FILE_PATH = "/tci/sessions/{session_id}/files/{path:path}"
@@ -61,7 +62,9 @@ async def list_files(
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes."}, **ERRORS},
 )
-async def download_file(session_id: str, path: str, tenant: TenantDep, services: ServicesDep) -> StreamingResponse:
+async def download_file(
+    session_id: str, path: _PathParam, tenant: TenantDep, services: ServicesDep
+) -> StreamingResponse:
     """Download a regular file (streamed; 413 over `ORCH_MAX_DOWNLOAD_BYTES`). Runs beside an execute."""
     download = await services.files.read(tenant, session_id, path)
     media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
@@ -71,7 +74,7 @@ async def download_file(session_id: str, path: str, tenant: TenantDep, services:
 
 @router.put(_FILE_PATH, responses={200: {"model": FileWrittenResponse}, **ERRORS}, openapi_extra=_RAW_BODY)
 async def upload_file(
-    session_id: str, path: str, request: Request, tenant: TenantDep, services: ServicesDep
+    session_id: str, path: _PathParam, request: Request, tenant: TenantDep, services: ServicesDep
 ) -> TCIJSONResponse:
     """Upload the raw request body as a file: parents are created, an existing file is replaced
     atomically; same name rules and size limit as `files` in an execute.
@@ -82,7 +85,7 @@ async def upload_file(
 
 
 @router.delete(_FILE_PATH, status_code=204, responses=ERRORS)
-async def delete_file(session_id: str, path: str, tenant: TenantDep, services: ServicesDep) -> Response:
+async def delete_file(session_id: str, path: _PathParam, tenant: TenantDep, services: ServicesDep) -> Response:
     """Delete one file, symlink or directory tree."""
     await services.files.delete(tenant, session_id, path)
     return Response(status_code=204)

@@ -14,6 +14,7 @@ import base64
 import binascii
 import contextlib
 import json
+import logging
 import mimetypes
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextvars import ContextVar
@@ -64,13 +65,14 @@ class McpEndpoint:
 
     def __init__(self) -> None:
         self.services: Services | None = None
-        self.server: MCPServer = MCPServer(
-            name="tci-orchestrator",
-            instructions=(
-                "Run Python in stateful sandboxed sessions. execute_code returns a session_id: pass it again "
-                "to keep variables and files; call close_session when done."
-            ),
-        )
+        with _logging_untouched():
+            self.server: MCPServer = MCPServer(
+                name="tci-orchestrator",
+                instructions=(
+                    "Run Python in stateful sandboxed sessions. execute_code returns a session_id: pass it again "
+                    "to keep variables and files; call close_session when done."
+                ),
+            )
         self._register()
         # DNS-rebinding protection is the SDK's guard for unauthenticated local servers; this one
         # requires the same bearer key as the TCI routes, with the same exposure.
@@ -177,6 +179,18 @@ class McpEndpoint:
                 raise ToolError(f"content is not valid base64: {exc}") from exc
             stored, size = await _call(services.files.write(tenant, session_id, path, raw))
             return f"wrote {size} bytes to {stored}"
+
+
+@contextlib.contextmanager
+def _logging_untouched() -> Iterator[None]:
+    """MCPServer configures the root logger (``basicConfig``); logging is ``logging.py``'s alone."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 async def _call(awaitable: Awaitable[T]) -> T:
