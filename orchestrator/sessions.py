@@ -65,6 +65,24 @@ def _relay(watcher: ExecuteWatcher, session_id: str, frame: dict[str, Any]) -> N
         watcher.output(item.model_dump())
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One execute as the runner is asked for it."""
+
+    code: str
+    files: list[dict[str, str]] | None
+    timeout: float
+    watcher: ExecuteWatcher | None
+
+    def args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"code": self.code, "timeout": self.timeout}
+        if self.files:
+            args["files"] = self.files
+        if self.watcher is not None:
+            args["stream"] = True
+        return args
+
+
 class _RunnerExecuteResult(BaseModel):
     """The runner's execute result, validated: it comes from inside the sandbox."""
 
@@ -236,36 +254,23 @@ class SessionManager:
             InvalidRequest: the runner refused the files (nothing ran).
             SandboxFailure: no sandbox could be provided (nothing ran).
         """
+        job = _Job(code, files, timeout, watcher)
         if session_id is None:
             session = await self._new_session(tenant)
             try:
-                return await self._run(session, code, files, timeout, watcher, fresh=True)
+                return await self._run(session, job, fresh=True)
             except OrchestratorError:
                 # The caller never learns this session's id; don't leave it running.
                 await self._end(session, "closed")
                 raise
-        return await self._run(self._lookup(tenant, session_id), code, files, timeout, watcher)
+        return await self._run(self._lookup(tenant, session_id), job)
 
     async def close(self, tenant: str, session_id: str) -> None:
         """End a session now (the ``DELETE`` extension)."""
         await self._end(self._lookup(tenant, session_id), "closed")
 
-    async def interrupt(self, tenant: str, session_id: str) -> bool:
-        """Interrupt the session's running execute (it answers ``interrupted``); False when idle.
-
-        Executes queued behind it are not affected.
-        """
-        session = self._lookup(tenant, session_id)
-        if not session.lock.locked() or session.client.closed:
-            return False
-        try:
-            result = await session.client.request("interrupt", {}, timeout=10)
-        except RunnerRefused as exc:
-            raise exc.to_error() from exc
-        return result.get("interrupted") is True
-
     async def runner(self, tenant: str, session_id: str) -> RunnerClient:
-        """The channel to the caller's session, for requests that run beside an execute (files).
+        """The channel to the caller's session, for requests that run beside an execute (files, interrupt).
 
         Raises:
             SessionNotFound: unknown, expired or another tenant's session, or its sandbox is lost.
@@ -345,16 +350,7 @@ class SessionManager:
                 raise SandboxStartFailed(f"sandbox did not become ready: {exc}") from exc
         return Session(claim=claim, sandbox=sandbox, client=client)
 
-    async def _run(
-        self,
-        session: Session,
-        code: str,
-        files: list[dict[str, str]] | None,
-        timeout: float,
-        watcher: ExecuteWatcher | None,
-        *,
-        fresh: bool = False,
-    ) -> ExecuteResult:
+    async def _run(self, session: Session, job: _Job, *, fresh: bool = False) -> ExecuteResult:
         if session.waiting >= self._settings.max_queued_per_session:
             self._metrics.admission_rejected.labels(reason="queue_full").inc()
             raise CapacityExhausted("too many executes queued on this session", retry_after=1)
@@ -369,7 +365,7 @@ class SessionManager:
                 raise SessionNotFound(f"Session {session.session_id} not found or expired", param="session_id")
             if session.client.closed:
                 await self._reconnect(session)
-            return await self._send(session, code, files, timeout, watcher)
+            return await self._send(session, job)
         finally:
             session.lock.release()
 
@@ -382,24 +378,13 @@ class SessionManager:
                 f"Session {session.session_id} was lost: its sandbox stopped answering", param="session_id"
             ) from exc
 
-    async def _send(
-        self,
-        session: Session,
-        code: str,
-        files: list[dict[str, str]] | None,
-        timeout: float,
-        watcher: ExecuteWatcher | None,
-    ) -> ExecuteResult:
-        args: dict[str, Any] = {"code": code, "timeout": timeout}
-        if files:
-            args["files"] = files
-        listener = None
-        if watcher is not None:
-            args["stream"] = True
-            listener = functools.partial(_relay, watcher, session.session_id)
+    async def _send(self, session: Session, job: _Job) -> ExecuteResult:
+        listener = None if job.watcher is None else functools.partial(_relay, job.watcher, session.session_id)
         began = time.monotonic()
         try:
-            raw = await session.client.request("execute", args, timeout=timeout + _REPLY_SLACK, on_progress=listener)
+            raw = await session.client.request(
+                "execute", job.args(), timeout=job.timeout + _REPLY_SLACK, on_progress=listener
+            )
         except RunnerRefused as exc:
             if exc.code == "kernel_not_ready":
                 # Nothing ran, and nothing will: a 404 ends the caller's retries on this session.

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Response
 
+from ..interrupts import interrupt
 from ..models import ExecuteResult, ExecuteWatcher
 from ..schemas import (
     ErrorEnvelope,
@@ -102,10 +103,10 @@ async def execute(
 
     if wants_stream(accept):
 
-        async def interrupt(session_id: str) -> bool:
-            return await manager.interrupt(tenant, session_id)
+        async def stop(session_id: str) -> bool:
+            return await interrupt(manager, tenant, session_id)
 
-        return await stream_execute(run, interrupt, services.settings.stream_keepalive_seconds)
+        return await stream_execute(run, stop, services.settings.stream_keepalive_seconds)
     return TCIJSONResponse(render_execute(await run(None)))
 
 
@@ -127,5 +128,5 @@ async def interrupt_session(session_id: str, tenant: TenantDep, services: Servic
     """Extension: interrupt the session's running execute, which then answers `outcome: "interrupted"`
     with its output so far; the session keeps its state. `interrupted: false` when nothing was running.
     """
-    interrupted = await services.manager.interrupt(tenant, session_id)
+    interrupted = await interrupt(services.manager, tenant, session_id)
     return TCIJSONResponse({"data": {"session_id": session_id, "interrupted": interrupted}, "errors": None})
