@@ -193,7 +193,7 @@ async def test_progress_frames_and_file_ops_reach_the_client(runner_process: asy
     code = "print('a', flush=True)\nimport sys\nprint('b', file=sys.stderr, flush=True)\n7"
     args = {"code": code, "timeout": 10, "stream": True}
     result = await client.request("execute", args, timeout=30, on_progress=frames.append)
-    assert [frame[runner_client.PROGRESS] for frame in frames][0] == "started"
+    assert [frame[runner_client.PROGRESS] for frame in frames[:1]] == ["started"]
     streamed = [frame["output"] for frame in frames if frame[runner_client.PROGRESS] == "output"]
     assert streamed == result["outputs"]
     assert streamed == [
