@@ -32,7 +32,10 @@ def texts(result: CallToolResult) -> str:
 async def two_calls_in_one_session(client: Client) -> dict[str, Any]:
     """The scenario both transports run; returns what the checks need."""
     tools = {tool.name for tool in (await client.list_tools()).tools}
-    first = await client.call_tool("execute_code", {"code": "x = 20\nprint('set')"})
+    upload = [{"name": "in/seed.txt", "encoding": "string", "content": "20"}]
+    first = await client.call_tool(
+        "execute_code", {"code": "x = int(open('in/seed.txt').read())\nprint('set')", "files": upload}
+    )
     assert first.structured_content is not None
     session_id = first.structured_content["session_id"]
     second = await client.call_tool("execute_code", {"code": "print(x + 22)", "session_id": session_id})
