@@ -134,7 +134,7 @@ class Runner:
                     await self._send(ok(request_id, {"interrupted": self._running}))
                 case "stats":
                     await self._send(ok(request_id, self._stats()))
-                case _:
+                case "list_files" | "read_file" | "write_file" | "delete_file":
                     await self._send(await self._file_op(request_id, op, args))
         except Exception as exc:
             log.exception("request %s (%s) failed", request_id, op)
