@@ -7,11 +7,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.routing import Route
 
 from . import __version__
-from .api import health, tci
+from .api import files, health, playground, tci
 from .api.deps import Services
 from .api.errors import install_error_handlers
+from .api.mcp import PATH as mcp_path
+from .api.mcp import McpEndpoint
 from .api.middleware import BodyLimitMiddleware, NormalizePathMiddleware, RequestContextMiddleware
 from .backends.base import Backend
 from .metrics import Metrics
@@ -19,6 +22,7 @@ from .reaper import start_reaper
 from .sessions import SessionManager
 from .settings import Settings
 from .tenancy import Authenticator
+from .workspace import SessionFiles
 
 
 def make_backend(settings: Settings) -> Backend:
@@ -35,6 +39,7 @@ def make_backend(settings: Settings) -> Backend:
 def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI:
     """Build the app; nothing starts until the lifespan runs (uvicorn, or a TestClient entered)."""
     chosen = backend or make_backend(settings)
+    mcp = McpEndpoint()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -44,16 +49,17 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         try:
             await manager.start()
             scheduler = start_reaper(manager, metrics, settings.reaper_interval_seconds)
+            services = Services(
+                settings=settings,
+                backend=chosen,
+                manager=manager,
+                authenticator=Authenticator(settings),
+                metrics=metrics,
+                files=SessionFiles(manager, settings.max_download_bytes),
+            )
             try:
-                yield {
-                    "services": Services(
-                        settings=settings,
-                        backend=chosen,
-                        manager=manager,
-                        authenticator=Authenticator(settings),
-                        metrics=metrics,
-                    )
-                }
+                async with mcp.running(services):
+                    yield {"services": services}
             finally:
                 scheduler.shutdown(wait=False)
         finally:
@@ -66,10 +72,14 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         summary="Self-hosted Together Code Interpreter: one hardened container per session.",
         lifespan=lifespan,
     )
+    app.state.mcp = mcp
     install_error_handlers(app)
-    app.include_router(tci.router)
-    app.include_router(tci.router, prefix="/v1")
+    for prefix in ("", "/v1"):
+        app.include_router(tci.router, prefix=prefix)
+        app.include_router(files.router, prefix=prefix)
     app.include_router(health.router)
+    app.include_router(playground.router)
+    app.router.routes.append(Route(mcp_path, mcp, methods=["GET", "POST", "DELETE"], include_in_schema=False))
     # Added last = outermost: paths are normalised before routing, bodies capped before parsing.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)

@@ -7,6 +7,7 @@
     │   └── RequestTooLarge                413 request_too_large
     ├── Unauthorized                       401 invalid_api_key
     ├── SessionNotFound (LookupError)      404 session_not_found: unknown, expired or another tenant's
+    ├── FileNotFound (LookupError)         404 file_not_found: no such path in the session's directory
     ├── CapacityExhausted                  429 rate_limit_exceeded, with Retry-After; nothing ran
     └── SandboxFailure                     5xx, only ever before user code reached a kernel
         ├── BackendUnavailable             503 the engine cannot be reached
@@ -67,6 +68,14 @@ class SessionNotFound(OrchestratorError, LookupError):
 
     status_code = 404
     code = "session_not_found"
+    type = "invalid_request_error"
+
+
+class FileNotFound(OrchestratorError, LookupError):
+    """No such file or directory in the session's working directory (the file routes)."""
+
+    status_code = 404
+    code = "file_not_found"
     type = "invalid_request_error"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import string
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 _ALPHABET = string.ascii_letters + string.digits
 # 22 base62 characters carry 130 bits: ids cannot be guessed or enumerated.
@@ -66,3 +66,13 @@ class SessionView:
     started_at: float
     last_execute_at: float
     expires_at: float
+
+
+class ExecuteWatcher(Protocol):
+    """Told what a streaming execute does while it runs (``SessionManager.execute``)."""
+
+    def started(self, session_id: str) -> None:
+        """The runner accepted the request and is about to run the code: no refusal can follow."""
+
+    def output(self, item: dict[str, Any]) -> None:
+        """One validated output item, as produced; the final result stays authoritative."""

@@ -21,13 +21,17 @@ from typing import Any, Final
 
 import structlog
 
-from .errors import InvalidRequest, RunnerFailure
+from .errors import FileNotFound, InvalidRequest, RequestTooLarge, RunnerFailure
 
 log = structlog.get_logger(__name__)
 
 PROTOCOL_VERSION: Final = 1
 HEADER: Final = struct.Struct(">I")
 SYNC_MARKER: Final = b"\x00TCI-SYNC:"
+# Key of a progress frame (``{"id", "progress": event, ...}``), routed to the request's listener.
+PROGRESS: Final = "progress"
+
+ProgressListener = Callable[[dict[str, Any]], None]
 
 
 class RunnerRefused(Exception):
@@ -43,6 +47,10 @@ class RunnerRefused(Exception):
         """The orchestrator error for this refusal."""
         if self.code in {"invalid_file", "file_write_failed", "bad_request"}:
             return InvalidRequest(self.message, param=self.param, code=self.code)
+        if self.code == "file_not_found":
+            return FileNotFound(self.message, param=self.param)
+        if self.code == "file_too_large":
+            return RequestTooLarge(self.message, param=self.param, code=self.code)
         return RunnerFailure(f"runner refused the request: {self.message}")
 
 
@@ -76,6 +84,7 @@ class RunnerClient:
         # True for a connection the runner dialled; stdio and attach streams are resynchronised instead.
         self._hang_up_on_failure = hang_up_on_failure
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._listeners: dict[str, ProgressListener] = {}
         self._write_lock = asyncio.Lock()
         self._pump: asyncio.Task[None] | None = None
         self._closed: BaseException | None = None
@@ -121,8 +130,10 @@ class RunnerClient:
         self._pump = asyncio.create_task(self._route(), name=f"{self._name}-replies")
         return result
 
-    async def request(self, op: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Send one request and wait for its reply.
+    async def request(
+        self, op: str, args: dict[str, Any], timeout: float, on_progress: ProgressListener | None = None
+    ) -> dict[str, Any]:
+        """Send one request and wait for its reply; ``on_progress`` gets its progress frames (unvalidated).
 
         Raises:
             RunnerRefused: the runner declined (``ok: false``).
@@ -133,6 +144,8 @@ class RunnerClient:
         request_id = self._next_id()
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
+        if on_progress is not None:
+            self._listeners[request_id] = on_progress
         try:
             await self._write({"id": request_id, "op": op, "args": args})
             async with asyncio.timeout(timeout):
@@ -144,6 +157,7 @@ class RunnerClient:
             raise RunnerFailure(f"{self._name}: stream failed: {exc}") from exc
         finally:
             self._pending.pop(request_id, None)
+            self._listeners.pop(request_id, None)
         return self._unwrap(reply, request_id)
 
     def on_close(self, callback: Callable[[], object]) -> None:
@@ -189,6 +203,14 @@ class RunnerClient:
         try:
             while True:
                 message = await self._read_frame()
+                if PROGRESS in message and "ok" not in message:
+                    listener = self._listeners.get(str(message.get("id")))
+                    if listener is not None:
+                        try:
+                            listener(message)
+                        except Exception as exc:  # noqa: BLE001 - a listener's bug must not end the stream
+                            log.warning("progress_listener_failed", runner=self._name, error=repr(exc))
+                    continue
                 future = self._pending.get(str(message.get("id")))
                 if future is not None and not future.done():
                     future.set_result(message)

@@ -42,6 +42,8 @@ class ExecuteRequest(BaseModel):
     """Run in this session; omit it to start a new one."""
     files: list[FileInput] | None = Field(None, max_length=256)
     """Files to write before the code runs."""
+    timeout: float | None = Field(None, gt=0)
+    """Extension: this execute's time limit in seconds, capped by the server's maximum."""
 
 
 class StreamOutput(BaseModel):
@@ -79,7 +81,7 @@ class ExecuteData(BaseModel):
     errors: str | None = None
     """First line of the error when an ``error`` output is present (what 1.x clients check)."""
     outcome: str = "ok"
-    """Extension: ok, error, timeout, oom, kernel_died, not_run or sandbox_lost."""
+    """Extension: ok, error, timeout, interrupted, oom, kernel_died, not_run or sandbox_lost."""
     state_lost: bool = False
     """Extension: the kernel was restarted, so earlier variables are gone."""
 
@@ -109,6 +111,97 @@ class SessionListResponse(BaseModel):
     """``GET /tci/sessions`` reply."""
 
     data: SessionListData
+    errors: None = None
+
+
+class FileEntry(BaseModel):
+    """One entry of a session's working directory."""
+
+    name: str
+    path: str
+    """Relative to the working directory; use it in the file routes."""
+    type: Literal["file", "directory"]
+    size: int
+    """Bytes (0 for a directory)."""
+    modified_at: datetime
+
+
+class FileListData(BaseModel):
+    path: str
+    entries: list[FileEntry]
+    truncated: bool = False
+    """More entries exist than one listing returns."""
+
+
+class FileListResponse(BaseModel):
+    """``GET /tci/sessions/{id}/files`` reply."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "data": {
+                        "path": "",
+                        "entries": [
+                            {
+                                "name": "plots",
+                                "path": "plots",
+                                "type": "directory",
+                                "size": 0,
+                                "modified_at": "2026-11-30T04:00:00Z",
+                            },
+                            {
+                                "name": "result.csv",
+                                "path": "result.csv",
+                                "type": "file",
+                                "size": 5120,
+                                "modified_at": "2026-11-30T04:01:12.5Z",
+                            },
+                        ],
+                        "truncated": False,
+                    },
+                    "errors": None,
+                }
+            ]
+        }
+    )
+
+    data: FileListData
+    errors: None = None
+
+
+class FileWrittenData(BaseModel):
+    path: str
+    size: int
+
+
+class FileWrittenResponse(BaseModel):
+    """``PUT /tci/sessions/{id}/files/{path}`` reply."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"data": {"path": "data/input.parquet", "size": 48213}, "errors": None}]}
+    )
+
+    data: FileWrittenData
+    errors: None = None
+
+
+class InterruptData(BaseModel):
+    session_id: str
+    interrupted: bool
+    """Whether an execute was running and was sent the interrupt (False: the session was idle)."""
+
+
+class InterruptResponse(BaseModel):
+    """``POST /tci/sessions/{id}/interrupt`` reply."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"data": {"session_id": "ses_abc123def456ghi789jkl0", "interrupted": True}, "errors": None}]
+        }
+    )
+
+    data: InterruptData
     errors: None = None
 
 

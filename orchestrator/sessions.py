@@ -7,6 +7,7 @@ rebuilt by ``reconcile`` at start-up and corrected by every reaper run.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -19,7 +20,15 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from .backends.base import Backend
 from .errors import CapacityExhausted, OrchestratorError, RunnerFailure, SandboxStartFailed, SessionNotFound
 from .metrics import Metrics
-from .models import Claim, ExecuteResult, SandboxInfo, SessionView, looks_like_session_id, new_session_id
+from .models import (
+    Claim,
+    ExecuteResult,
+    ExecuteWatcher,
+    SandboxInfo,
+    SessionView,
+    looks_like_session_id,
+    new_session_id,
+)
 from .pool import WarmPool
 from .runner_client import RunnerClient, RunnerRefused
 from .settings import Settings
@@ -41,6 +50,37 @@ class _RunnerOutput(BaseModel):
         if isinstance(self.data, dict) != (self.type in {"display_data", "execute_result"}):
             raise ValueError(f"{self.type} output has the wrong kind of data")
         return self
+
+
+def _relay(watcher: ExecuteWatcher, session_id: str, frame: dict[str, Any]) -> None:
+    """Pass one progress frame on to ``watcher``; an invalid output is left out (the result has it right)."""
+    event = frame.get("progress")
+    if event == "started":
+        watcher.started(session_id)
+    elif event == "output":
+        try:
+            item = _RunnerOutput.model_validate(frame.get("output"))
+        except ValidationError:
+            return
+        watcher.output(item.model_dump())
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One execute as the runner is asked for it."""
+
+    code: str
+    files: list[dict[str, str]] | None
+    timeout: float
+    watcher: ExecuteWatcher | None
+
+    def args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"code": self.code, "timeout": self.timeout}
+        if self.files:
+            args["files"] = self.files
+        if self.watcher is not None:
+            args["stream"] = True
+        return args
 
 
 class _RunnerExecuteResult(BaseModel):
@@ -202,8 +242,11 @@ class SessionManager:
         code: str,
         files: list[dict[str, str]] | None,
         timeout: float,
+        watcher: ExecuteWatcher | None = None,
     ) -> ExecuteResult:
         """Run ``code`` in the caller's session, starting one when ``session_id`` is None.
+
+        A ``watcher`` makes it a streaming execute: it hears when the code starts and each output.
 
         Raises:
             SessionNotFound: unknown, expired or another tenant's session (nothing ran).
@@ -211,19 +254,31 @@ class SessionManager:
             InvalidRequest: the runner refused the files (nothing ran).
             SandboxFailure: no sandbox could be provided (nothing ran).
         """
+        job = _Job(code, files, timeout, watcher)
         if session_id is None:
             session = await self._new_session(tenant)
             try:
-                return await self._run(session, code, files, timeout, fresh=True)
+                return await self._run(session, job, fresh=True)
             except OrchestratorError:
                 # The caller never learns this session's id; don't leave it running.
                 await self._end(session, "closed")
                 raise
-        return await self._run(self._lookup(tenant, session_id), code, files, timeout)
+        return await self._run(self._lookup(tenant, session_id), job)
 
     async def close(self, tenant: str, session_id: str) -> None:
         """End a session now (the ``DELETE`` extension)."""
         await self._end(self._lookup(tenant, session_id), "closed")
+
+    async def runner(self, tenant: str, session_id: str) -> RunnerClient:
+        """The channel to the caller's session, for requests that run beside an execute (files, interrupt).
+
+        Raises:
+            SessionNotFound: unknown, expired or another tenant's session, or its sandbox is lost.
+        """
+        session = self._lookup(tenant, session_id)
+        if session.client.closed and not session.lock.locked():
+            await self._reconnect(session)
+        return session.client
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -295,9 +350,7 @@ class SessionManager:
                 raise SandboxStartFailed(f"sandbox did not become ready: {exc}") from exc
         return Session(claim=claim, sandbox=sandbox, client=client)
 
-    async def _run(
-        self, session: Session, code: str, files: list[dict[str, str]] | None, timeout: float, *, fresh: bool = False
-    ) -> ExecuteResult:
+    async def _run(self, session: Session, job: _Job, *, fresh: bool = False) -> ExecuteResult:
         if session.waiting >= self._settings.max_queued_per_session:
             self._metrics.admission_rejected.labels(reason="queue_full").inc()
             raise CapacityExhausted("too many executes queued on this session", retry_after=1)
@@ -312,7 +365,7 @@ class SessionManager:
                 raise SessionNotFound(f"Session {session.session_id} not found or expired", param="session_id")
             if session.client.closed:
                 await self._reconnect(session)
-            return await self._send(session, code, files, timeout)
+            return await self._send(session, job)
         finally:
             session.lock.release()
 
@@ -325,15 +378,13 @@ class SessionManager:
                 f"Session {session.session_id} was lost: its sandbox stopped answering", param="session_id"
             ) from exc
 
-    async def _send(
-        self, session: Session, code: str, files: list[dict[str, str]] | None, timeout: float
-    ) -> ExecuteResult:
-        args: dict[str, Any] = {"code": code, "timeout": timeout}
-        if files:
-            args["files"] = files
+    async def _send(self, session: Session, job: _Job) -> ExecuteResult:
+        listener = None if job.watcher is None else functools.partial(_relay, job.watcher, session.session_id)
         began = time.monotonic()
         try:
-            raw = await session.client.request("execute", args, timeout=timeout + _REPLY_SLACK)
+            raw = await session.client.request(
+                "execute", job.args(), timeout=job.timeout + _REPLY_SLACK, on_progress=listener
+            )
         except RunnerRefused as exc:
             if exc.code == "kernel_not_ready":
                 # Nothing ran, and nothing will: a 404 ends the caller's retries on this session.
@@ -453,4 +504,4 @@ class SessionManager:
         return None
 
 
-_KNOWN = frozenset({"ok", "error", "timeout", "oom", "kernel_died", "not_run"})
+_KNOWN = frozenset({"ok", "error", "timeout", "interrupted", "oom", "kernel_died", "not_run"})

@@ -137,6 +137,12 @@ class Settings(BaseSettings):
     """0 disables the idle timeout."""
     execute_timeout_seconds: float = Field(30, gt=0)
     """Wall-clock limit of one execute; below the 2.x SDK's 60 s read timeout on purpose."""
+    max_execute_timeout_seconds: float = Field(600, gt=0)
+    """Largest ``timeout`` an execute request may ask for (never below ``execute_timeout_seconds``)."""
+    stream_keepalive_seconds: float = Field(15, gt=0)
+    """A comment line is sent on a streaming execute after this long without output."""
+    max_download_bytes: int = Field(256 * MiB, ge=1)
+    """Largest file the file routes download (413 beyond)."""
     max_sessions: int = Field(64, ge=1)
     """Global cap on live sessions plus warm-pool containers."""
     max_sessions_per_tenant: int = Field(32, ge=1)

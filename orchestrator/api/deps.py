@@ -12,6 +12,7 @@ from ..metrics import Metrics
 from ..sessions import SessionManager
 from ..settings import Settings
 from ..tenancy import Authenticator
+from ..workspace import SessionFiles
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Services:
     manager: SessionManager
     authenticator: Authenticator
     metrics: Metrics
+    files: SessionFiles
 
 
 # Dependencies are async on purpose: FastAPI runs a plain ``def`` dependency in a worker thread,

@@ -1,4 +1,7 @@
-"""The TCI routes: exactly what the together SDKs call, plus a session ``DELETE`` extension."""
+"""The TCI routes: exactly what the together SDKs call, plus session ``DELETE`` and ``interrupt`` extensions.
+
+``POST /tci/execute`` also streams (``stream.py``) when the client accepts ``text/event-stream``.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +9,23 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Response
 
+from ..interrupts import interrupt
+from ..models import ExecuteResult, ExecuteWatcher
 from ..schemas import (
     ErrorEnvelope,
     ExecuteRequest,
     ExecuteResponse,
+    InterruptResponse,
     SessionListResponse,
     render_execute,
     render_sessions,
 )
+from ..settings import Settings
 from .deps import ServicesDep, TenantDep
 from .responses import TCIJSONResponse
+from .stream import MEDIA_TYPE, stream_execute, wants_stream
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorEnvelope} for code in (400, 401, 404, 413, 422, 429, 500, 502, 503)
 }
 router = APIRouter(tags=["code interpreter"], default_response_class=TCIJSONResponse)
@@ -26,7 +34,24 @@ router = APIRouter(tags=["code interpreter"], default_response_class=TCIJSONResp
 _CLIENT_TIMEOUT_MARGIN = 5.0
 
 
-def _timeout(configured: float, client_read_timeout: str | None) -> float:
+_SSE_EXAMPLE = (
+    'event: output\ndata: {"type":"stdout","data":"step 1\\n"}\n\n'
+    ": keep-alive\n\n"
+    'event: output\ndata: {"type":"stdout","data":"step 2\\n"}\n\n'
+    'event: result\ndata: {"data":{"session_id":"ses_…","status":"success","outputs":[{"type":"stdout",'
+    '"data":"step 1\\nstep 2\\n"}],"errors":null,"outcome":"ok","state_lost":false},"errors":null}\n\n'
+)
+_EXECUTE_200: dict[str, Any] = {
+    "model": ExecuteResponse,
+    "description": "The execute's result; with `Accept: text/event-stream`, server-sent events ending in it.",
+    "content": {MEDIA_TYPE: {"schema": {"type": "string"}, "example": _SSE_EXAMPLE}},
+}
+
+
+def _timeout(settings: Settings, requested: float | None, client_read_timeout: str | None) -> float:
+    configured = settings.execute_timeout_seconds
+    if requested is not None:
+        configured = min(requested, max(settings.max_execute_timeout_seconds, configured))
     try:
         client = float(client_read_timeout) if client_read_timeout else None
     except ValueError:
@@ -36,28 +61,72 @@ def _timeout(configured: float, client_read_timeout: str | None) -> float:
     return configured
 
 
-@router.post("/tci/execute", responses={200: {"model": ExecuteResponse}, **_ERRORS})
+@router.post(
+    "/tci/execute",
+    responses={200: _EXECUTE_200, **ERRORS},
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {
+                    "examples": {
+                        "new session": {"value": {"language": "python", "code": "print('hello')"}},
+                        "own time limit (extension)": {
+                            "value": {"language": "python", "code": "import time; time.sleep(45)", "timeout": 60}
+                        },
+                    }
+                }
+            }
+        }
+    },
+)
 async def execute(
     body: ExecuteRequest,
     tenant: TenantDep,
     services: ServicesDep,
     x_stainless_read_timeout: Annotated[str | None, Header()] = None,
-) -> TCIJSONResponse:
-    """Run code in a session (a new one when ``session_id`` is omitted)."""
+    accept: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Run code in a session (a new one when ``session_id`` is omitted).
+
+    Extensions: `timeout` in the body (seconds, capped by the server's maximum), and streaming:
+    with `Accept: text/event-stream` the answer is `event: output` per output item as it is
+    produced, `: keep-alive` comments on a silent cell, then `event: result` holding the body
+    below. Errors before the code starts stay plain JSON; a client that disconnects mid-stream
+    interrupts the execute (the session is kept).
+    """
     files = [file.model_dump() for file in body.files] if body.files else None
-    timeout = _timeout(services.settings.execute_timeout_seconds, x_stainless_read_timeout)
-    result = await services.manager.execute(tenant, body.session_id, body.code, files, timeout)
-    return TCIJSONResponse(render_execute(result))
+    timeout = _timeout(services.settings, body.timeout, x_stainless_read_timeout)
+    manager = services.manager
+
+    async def run(watcher: ExecuteWatcher | None) -> ExecuteResult:
+        return await manager.execute(tenant, body.session_id, body.code, files, timeout, watcher)
+
+    if wants_stream(accept):
+
+        async def stop(session_id: str) -> bool:
+            return await interrupt(manager, tenant, session_id)
+
+        return await stream_execute(run, stop, services.settings.stream_keepalive_seconds)
+    return TCIJSONResponse(render_execute(await run(None)))
 
 
-@router.get("/tci/sessions", responses={200: {"model": SessionListResponse}, **_ERRORS})
+@router.get("/tci/sessions", responses={200: {"model": SessionListResponse}, **ERRORS})
 async def list_sessions(tenant: TenantDep, services: ServicesDep) -> TCIJSONResponse:
     """The caller's live sessions."""
     return TCIJSONResponse(render_sessions(services.manager.sessions_of(tenant)))
 
 
-@router.delete("/tci/sessions/{session_id}", status_code=204, responses=_ERRORS)
+@router.delete("/tci/sessions/{session_id}", status_code=204, responses=ERRORS)
 async def close_session(session_id: str, tenant: TenantDep, services: ServicesDep) -> Response:
     """Extension: end a session now and remove its sandbox."""
     await services.manager.close(tenant, session_id)
     return Response(status_code=204)
+
+
+@router.post("/tci/sessions/{session_id}/interrupt", responses={200: {"model": InterruptResponse}, **ERRORS})
+async def interrupt_session(session_id: str, tenant: TenantDep, services: ServicesDep) -> TCIJSONResponse:
+    """Extension: interrupt the session's running execute, which then answers `outcome: "interrupted"`
+    with its output so far; the session keeps its state. `interrupted: false` when nothing was running.
+    """
+    interrupted = await interrupt(services.manager, tenant, session_id)
+    return TCIJSONResponse({"data": {"session_id": session_id, "interrupted": interrupted}, "errors": None})

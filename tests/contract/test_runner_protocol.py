@@ -8,6 +8,7 @@ driving the real runner, including resynchronising on a stream that it joins mid
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -129,6 +130,7 @@ def test_constants_match() -> None:
     assert runner_client.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
     assert runner_client.HEADER.format == protocol.HEADER.format
     assert runner_client.SYNC_MARKER == protocol.SYNC_MARKER
+    assert runner_client.PROGRESS == protocol.PROGRESS
 
 
 @pytest.mark.parametrize(
@@ -178,9 +180,50 @@ async def test_client_drives_the_real_runner(runner_process: asyncio.subprocess.
     stats = await client.request("stats", {}, timeout=10)
     assert stats["execute_count"] == 1
     assert stats["last_execute_at"] >= stats["started_at"]
-    assert await client.request("interrupt", {}, timeout=10) == {}
+    assert await client.request("interrupt", {}, timeout=10) == {"interrupted": False}
     await client.close()
     assert client.closed
+
+
+async def test_progress_frames_and_file_ops_reach_the_client(runner_process: asyncio.subprocess.Process) -> None:
+    client = RunnerClient(*pipes(runner_process), max_frame_bytes=MAX_FRAME)
+    await client.connect(timeout=30)
+    await client.request("ready", {"timeout": 30}, timeout=35)
+    frames: list[dict[str, Any]] = []
+    code = "print('a', flush=True)\nimport sys\nprint('b', file=sys.stderr, flush=True)\n7"
+    args = {"code": code, "timeout": 10, "stream": True}
+    result = await client.request("execute", args, timeout=30, on_progress=frames.append)
+    assert [frame[runner_client.PROGRESS] for frame in frames[:1]] == ["started"]
+    streamed = [frame["output"] for frame in frames if frame[runner_client.PROGRESS] == "output"]
+    assert streamed == result["outputs"]
+    assert streamed == [
+        {"type": "stdout", "data": "a\n"},
+        {"type": "stderr", "data": "b\n"},
+        {"type": "execute_result", "data": {"text/plain": "7"}},
+    ]
+    quiet: list[dict[str, Any]] = []
+    await client.request("execute", {"code": "print(1)", "timeout": 10}, timeout=30, on_progress=quiet.append)
+    assert quiet == []  # progress only when asked for
+    content = base64.b64encode(bytes(range(256))).decode()
+    written = await client.request("write_file", {"path": "d/x.bin", "content": content}, timeout=10)
+    assert written == {"path": "d/x.bin", "size": 256}
+    listing = await client.request("list_files", {"path": "d"}, timeout=10)
+    assert [(e["path"], e["type"], e["size"]) for e in listing["entries"]] == [("d/x.bin", "file", 256)]
+    chunk = await client.request(
+        "read_file", {"path": "d/x.bin", "offset": 250, "length": 100, "max_bytes": 1000}, timeout=10
+    )
+    assert (base64.b64decode(chunk["content"]), chunk["size"], chunk["eof"]) == (bytes(range(250, 256)), 256, True)
+    for op, extra, code_ in [
+        ("read_file", {"offset": 0, "length": 1, "max_bytes": 100}, "file_too_large"),
+        ("read_file", {"path": "nope", "offset": 0, "length": 1, "max_bytes": 1000}, "file_not_found"),
+        ("list_files", {"path": "../.."}, "invalid_file"),
+    ]:
+        with pytest.raises(RunnerRefused) as caught:
+            await client.request(op, {"path": "d/x.bin", **extra}, timeout=10)
+        assert caught.value.code == code_
+    assert await client.request("delete_file", {"path": "d"}, timeout=10) == {}
+    assert (await client.request("list_files", {"path": ""}, timeout=10))["entries"] == []
+    await client.close()
 
 
 async def test_resync_skips_garbage_forgeries_and_a_partial_frame(runner_process: asyncio.subprocess.Process) -> None:

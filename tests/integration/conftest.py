@@ -11,6 +11,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import docker
 import docker.errors
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
 from orchestrator.app import create_app
@@ -93,6 +95,26 @@ def make_settings(run_id: str) -> Callable[..., Settings]:
 def api(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
     with TestClient(create_app(make_settings(execute_timeout_seconds=20))) as client:
         yield client
+
+
+@contextlib.contextmanager
+def live_server(settings: Settings) -> Iterator[str]:
+    """The app served by uvicorn on a free loopback port, in a thread; its base URL.
+
+    For what the in-process TestClient cannot show: a response read while it is still being
+    streamed, a client that disconnects, a real HTTP client (MCP, a browser).
+    """
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="live-server", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), 60, "the live server to start")
+        assert server.started, "the live server failed to start"
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
 
 
 def our_containers(client: docker.DockerClient, run_id: str) -> list[Any]:

@@ -41,9 +41,9 @@ async def test_interrupt_op_stops_a_running_execute(runner):
         runner.execute("import time\nsurvivor = 1\nopen('interrupt-started', 'w').close()\ntime.sleep(60)", timeout=120)
     )
     await runner.wait_until(flag.exists, 20, "the execute is running")
-    assert await runner.client.request("interrupt", {}, timeout=10) == {}
+    assert await runner.client.request("interrupt", {}, timeout=10) == {"interrupted": True}
     result = await asyncio.wait_for(execute, 20)
-    assert result.outcome == "error"
+    assert result.outcome == "interrupted"
     assert result.result["error_summary"] == "KeyboardInterrupt"
     assert "KeyboardInterrupt" in result.text("error")
     assert result.result["state_lost"] is False
@@ -52,7 +52,7 @@ async def test_interrupt_op_stops_a_running_execute(runner):
 
 
 async def test_interrupt_when_idle_is_harmless(runner):
-    assert await runner.client.request("interrupt", {}, timeout=10) == {}
+    assert await runner.client.request("interrupt", {}, timeout=10) == {"interrupted": False}
     assert (await runner.execute("print('still fine')")).outcome == "ok"
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -31,8 +33,8 @@ class PreparedFile:
     content: bytes
 
 
-def _check_name(name: Any, index: int, limits: Limits) -> PurePosixPath:
-    param = f"files[{index}].name"
+def check_name(name: Any, param: str, limits: Limits) -> PurePosixPath:
+    """A safe relative path for ``name``, or ``FileRejected`` naming ``param``."""
     if not isinstance(name, str) or not name:
         raise FileRejected("file name must be a non-empty string", param)
     if "\x00" in name:
@@ -83,7 +85,7 @@ def prepare_files(files: Any, limits: Limits) -> list[PreparedFile]:
     for index, item in enumerate(files):
         if not isinstance(item, dict):
             raise FileRejected("each file must be an object", f"files[{index}]")
-        path = _check_name(item.get("name"), index, limits)
+        path = check_name(item.get("name"), f"files[{index}].name", limits)
         content = _decode(item, index)
         if len(content) > limits.max_file_bytes:
             raise FileRejected(
@@ -127,7 +129,16 @@ def write_files(root: Path, files: list[PreparedFile]) -> None:
     for item in files:
         target = root / item.path
         target.parent.mkdir(parents=True, exist_ok=True)
-        # O_NOFOLLOW: a symlink swapped in after the check is refused rather than followed.
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(item.content)
+        # Written aside and renamed into place: code running meanwhile (an upload through the file
+        # routes does not wait for an execute) reads the old file or the new one, never half of one.
+        # O_EXCL | O_NOFOLLOW: a symlink swapped in after the check is refused rather than followed.
+        temp = target.with_name(f".tci-upload-{secrets.token_hex(6)}")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(item.content)
+            os.replace(temp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise

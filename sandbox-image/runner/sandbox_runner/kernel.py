@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
@@ -170,15 +171,22 @@ class KernelSupervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._kernel.process.pid, signal.SIGINT)
 
-    async def execute(self, code: str, timeout: float) -> ExecOutcome:
-        """Run ``code``; every failure is described in the outcome, never raised."""
+    async def execute(
+        self, code: str, timeout: float, on_output: Callable[[dict[str, Any]], None] | None = None
+    ) -> ExecOutcome:
+        """Run ``code``; every failure is described in the outcome, never raised.
+
+        ``on_output`` is told of each output as the kernel produces it (see ``OutputCollector``).
+        """
         began = time.monotonic()
-        outcome = await self._execute(code, timeout)
+        outcome = await self._execute(code, timeout, on_output)
         outcome.duration_ms = (time.monotonic() - began) * 1000
         return outcome
 
-    async def _execute(self, code: str, timeout: float) -> ExecOutcome:
-        collector = OutputCollector(self._config.limits)
+    async def _execute(
+        self, code: str, timeout: float, on_output: Callable[[dict[str, Any]], None] | None
+    ) -> ExecOutcome:
+        collector = OutputCollector(self._config.limits, on_output)
         if not self.alive():
             _, cause = self._death_cause(self._oom_baseline, watchdog=False)
             note = await self._restart_note()

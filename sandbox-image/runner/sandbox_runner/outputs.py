@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any, Final
 
 from .config import Limits
@@ -42,8 +43,10 @@ def bundle_size(data: dict[str, Any]) -> int:
 class OutputCollector:
     """Turns the iopub messages of one execute into TCI outputs, capped at the configured sizes."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, on_output: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.outputs: list[dict[str, Any]] = []
+        # Told of every piece of output as it is kept (after the caps), for streaming executes.
+        self._on_output = on_output
         self.error_summary: str | None = None
         self.dropped: dict[str, int] = {"stdout": 0, "stderr": 0, "display": 0}
         self._limits = limits
@@ -121,6 +124,8 @@ class OutputCollector:
         self._marker_at = {}
 
     def _append(self, kind: str, data: Any) -> None:
+        if self._on_output is not None:
+            self._on_output({"type": kind, "data": data})
         last = self.outputs[-1] if self.outputs else None
         if kind in STREAMS and last is not None and last["type"] == kind:
             last["data"] += data
@@ -189,5 +194,7 @@ class OutputCollector:
         if not text.strip():
             text = f"{ename}: {evalue}"
         self._total_bytes += utf8_len(text)
+        if self._on_output is not None:
+            self._on_output({"type": "error", "data": text})
         self.outputs.append({"type": "error", "data": text})
         self.error_summary = f"{ename}: {evalue}" if evalue else ename

@@ -23,7 +23,11 @@ MAX_REQUEST_BYTES: Final = 96 * 1024 * 1024
 # middle of the byte stream can find a frame boundary again: it scans for this marker + its nonce.
 SYNC_MARKER: Final = b"\x00TCI-SYNC:"
 
-OPS: Final = frozenset({"hello", "ready", "execute", "interrupt", "stats"})
+OPS: Final = frozenset(
+    {"hello", "ready", "execute", "interrupt", "stats", "list_files", "read_file", "write_file", "delete_file"}
+)
+# Key of a progress frame: sent for an ``execute`` with ``stream: true`` before its reply, same id.
+PROGRESS: Final = "progress"
 
 
 class ProtocolError(Exception):
@@ -68,6 +72,11 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_REQUEST_
 def ok(request_id: str, result: dict[str, Any]) -> dict[str, Any]:
     """A success reply."""
     return {"id": request_id, "ok": True, "result": result}
+
+
+def progress(request_id: str, event: str, **fields: Any) -> dict[str, Any]:
+    """A progress frame: ``started`` (the code is about to run) or ``output`` (one output item)."""
+    return {"id": request_id, PROGRESS: event, **fields}
 
 
 def fail(request_id: str, code: str, message: str, param: str | None = None) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -11,13 +12,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, procs
+from . import __version__, procs, workspace
 from . import relay as index_relay
 from .config import RunnerConfig
 from .files import FileRejected, check_destinations, prepare_files, write_files
 from .kernel import KernelSupervisor
 from .launch import LaunchedKernel
-from .protocol import OPS, PROTOCOL_VERSION, ProtocolError, encode_frame, fail, ok, read_frame, sync_line
+from .protocol import (
+    OPS,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    encode_frame,
+    fail,
+    ok,
+    progress,
+    read_frame,
+    sync_line,
+)
+from .workspace import WorkspaceRefused
 
 log = logging.getLogger("sandbox_runner")
 
@@ -51,6 +63,9 @@ class Runner:
         # One execute at a time, including the leftover-process sweep that follows it.
         self._exec_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Whether an ``interrupt`` request arrived while the current execute's code was running.
+        self._running = False
+        self._interrupt_requested = False
         self.started_at = time.time()
         self.execute_count = 0
         self.last_execute_at: float | None = None
@@ -89,6 +104,15 @@ class Runner:
             except OSError as exc:
                 log.warning("reply %s lost: %s", message.get("id"), exc)
 
+    def _send_nowait(self, message: dict[str, Any]) -> None:
+        """Queue a progress frame without waiting; one write keeps it whole, and the reply follows it."""
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.write(encode_frame(message))
+
+    def _send_output(self, request_id: str, item: dict[str, Any]) -> None:
+        self._send_nowait(progress(request_id, "output", output=item))
+
     async def _handle(self, message: dict[str, Any]) -> None:
         request_id = str(message.get("id", ""))
         op = message.get("op")
@@ -106,13 +130,41 @@ class Runner:
                 case "execute":
                     await self._execute(request_id, args)
                 case "interrupt":
+                    self._interrupt_requested = self._running
                     await self._kernel.interrupt()
-                    await self._send(ok(request_id, {}))
+                    await self._send(ok(request_id, {"interrupted": self._running}))
                 case "stats":
                     await self._send(ok(request_id, self._stats()))
+                case "list_files" | "read_file" | "write_file" | "delete_file":
+                    await self._send(await self._file_op(request_id, op, args))
         except Exception as exc:
             log.exception("request %s (%s) failed", request_id, op)
             await self._send(fail(request_id, "runner_error", f"{type(exc).__name__}: {exc}"))
+
+    async def _file_op(self, request_id: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """The file ops; they run beside an execute (in a thread), never queued behind it."""
+        root, limits, path = self._config.workdir, self._config.limits, args.get("path")
+        try:
+            match op:
+                case "list_files":
+                    result = await asyncio.to_thread(workspace.list_dir, root, path, limits)
+                case "read_file":
+                    offset, length, most = (args.get(k) for k in ("offset", "length", "max_bytes"))
+                    if not all(type(v) is int and v >= 0 for v in (offset, length, most)):
+                        return fail(request_id, "bad_request", "offset, length and max_bytes must be integers >= 0")
+                    assert isinstance(offset, int)
+                    assert isinstance(length, int)
+                    assert isinstance(most, int)
+                    result = await asyncio.to_thread(workspace.read_chunk, root, path, limits, offset, length, most)
+                case "write_file":
+                    result = await asyncio.to_thread(workspace.write_file, root, path, args.get("content"), limits)
+                case _:
+                    result = await asyncio.to_thread(workspace.delete, root, path, limits)
+        except WorkspaceRefused as exc:
+            return fail(request_id, exc.code, str(exc), exc.param)
+        except OSError as exc:
+            return fail(request_id, "file_write_failed", f"{op} failed: {exc.strerror or exc}", "path")
+        return ok(request_id, result)
 
     def _hello(self) -> dict[str, Any]:
         return {"protocol": PROTOCOL_VERSION, "version": __version__, **self._stats()}
@@ -176,7 +228,19 @@ class Runner:
                 reason = self._kernel.start_error or self.kernel_error or "the kernel is not running"
                 await self._send(fail(request_id, "kernel_not_ready", reason))
                 return
-            outcome = await self._kernel.execute(code, timeout)
+            on_output = None
+            if args.get("stream") is True:
+                self._send_nowait(progress(request_id, "started"))
+                on_output = functools.partial(self._send_output, request_id)
+            self._running, self._interrupt_requested = True, False
+            try:
+                outcome = await self._kernel.execute(code, timeout, on_output)
+            finally:
+                self._running = False
+            # The KeyboardInterrupt of our own SIGINT, not one the code raised or a timeout's.
+            summary = outcome.error_summary or ""
+            if self._interrupt_requested and outcome.outcome == "error" and summary.startswith("KeyboardInterrupt"):
+                outcome.outcome = "interrupted"
             if outcome.outcome != "not_run":
                 self.execute_count += 1
                 self.last_execute_at = time.time()

@@ -1,0 +1,77 @@
+"""The agent extensions in-process (local backend, real kernels): errors, limits, OpenAPI, no regressions."""
+
+from __future__ import annotations
+
+from api_support import KEY_A, KEY_B, App, auth, check_error, running_app, stdout_of
+
+from orchestrator.schemas import FileListResponse, InterruptResponse
+
+
+def test_timeout_in_the_body_is_capped_by_the_server_maximum() -> None:
+    with running_app(execute_timeout_seconds=1, max_execute_timeout_seconds=1.5) as app:
+        response = app.client.post(
+            "/tci/execute", json={"code": "import time; time.sleep(20)", "timeout": 100}, headers=auth(KEY_A)
+        )
+        assert response.status_code == 200, response.text
+        data = response.json()["data"]
+        assert data["outcome"] == "timeout"
+        assert "the 1.5 s time limit" in "".join(o["data"] for o in data["outputs"] if o["type"] == "error")
+
+
+def test_interrupt_and_file_routes_answer_in_the_envelope(app: App, victim: str) -> None:
+    idle = app.client.post(f"/v1/tci/sessions/{victim}/interrupt", headers=auth(KEY_A))
+    assert InterruptResponse.model_validate(idle.json()).data.interrupted is False
+    put = app.client.put(f"/tci/sessions/{victim}/files/sub/x.txt", content=b"abc", headers=auth(KEY_A))
+    assert put.json() == {"data": {"path": "sub/x.txt", "size": 3}, "errors": None}
+    listing = FileListResponse.model_validate(
+        app.client.get(f"/tci/sessions/{victim}/files", params={"path": "sub"}, headers=auth(KEY_A)).json()
+    )
+    assert [(e.path, e.type, e.size) for e in listing.data.entries] == [("sub/x.txt", "file", 3)]
+    assert stdout_of(app.execute(KEY_A, "print(open('sub/x.txt').read())", victim)) == "abc\n"
+    download = app.client.get(f"/tci/sessions/{victim}/files/sub/x.txt", headers=auth(KEY_A))
+    assert (download.content, download.headers["content-type"]) == (b"abc", "text/plain; charset=utf-8")
+    check_error(app.client.get(f"/tci/sessions/{victim}/files/nope", headers=auth(KEY_A)), 404, "file_not_found")
+    check_error(
+        app.client.get(f"/tci/sessions/{victim}/files", params={"path": "../.."}, headers=auth(KEY_A)),
+        400,
+        "invalid_file",
+        "path",
+    )
+    for method in ("get", "put", "delete"):
+        response = app.client.request(method.upper(), f"/tci/sessions/{victim}/files/sub/x.txt", headers=auth(KEY_B))
+        check_error(response, 404, "session_not_found")
+    check_error(app.client.post(f"/tci/sessions/{victim}/interrupt", headers=auth(KEY_B)), 404, "session_not_found")
+    check_error(app.client.post(f"/tci/sessions/{victim}/interrupt"), 401, "invalid_api_key")
+    assert app.client.delete(f"/tci/sessions/{victim}/files/sub", headers=auth(KEY_A)).status_code == 204
+
+
+def test_a_streaming_request_refused_before_the_code_starts_is_plain_json(app: App) -> None:
+    headers = {**auth(KEY_A), "Accept": "text/event-stream"}
+    check_error(app.client.post("/tci/execute", json={"code": 1}, headers=headers), 422, "invalid_request")
+    unknown = {"code": "1", "session_id": "ses_unknownunknownunknown"}
+    check_error(app.client.post("/tci/execute", json=unknown, headers=headers), 404, "session_not_found")
+    check_error(app.client.post("/mcp", json={}), 401, "invalid_api_key")
+
+
+def test_a_streamed_execute_ends_with_the_json_body(app: App, victim: str) -> None:
+    headers = {**auth(KEY_A), "Accept": "text/event-stream"}
+    response = app.client.post("/tci/execute", json={"code": "print('s')\n5", "session_id": victim}, headers=headers)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [block for block in response.text.split("\n\n") if block.startswith("event: ")]
+    assert events[0] == 'event: output\ndata: {"type":"stdout","data":"s\\n"}'
+    assert events[-1].startswith('event: result\ndata: {"data":{"session_id":"' + victim)
+
+
+def test_openapi_documents_every_new_route_with_examples(app: App) -> None:
+    spec = app.client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for prefix in ("", "/v1"):
+        assert "post" in paths[f"{prefix}/tci/sessions/{{session_id}}/interrupt"]
+        assert {"get", "put", "delete"} <= set(paths[f"{prefix}/tci/sessions/{{session_id}}/files/{{path}}"])
+        assert "get" in paths[f"{prefix}/tci/sessions/{{session_id}}/files"]
+        execute = paths[f"{prefix}/tci/execute"]["post"]
+        assert "example" in execute["responses"]["200"]["content"]["text/event-stream"]
+        assert execute["requestBody"]["content"]["application/json"]["examples"]
+    assert "/playground" in paths
+    assert "timeout" in spec["components"]["schemas"]["ExecuteRequest"]["properties"]
+    assert app.client.get("/playground").status_code == 200
