@@ -23,7 +23,7 @@ MAX_REQUEST_BYTES: Final = 96 * 1024 * 1024
 # middle of the byte stream can find a frame boundary again: it scans for this marker + its nonce.
 SYNC_MARKER: Final = b"\x00TCI-SYNC:"
 
-OPS: Final = frozenset({"hello", "ready", "execute", "interrupt", "stats"})
+OPS: Final = frozenset({"hello", "ready", "execute", "interrupt", "stats", "run", "fetch"})
 
 
 class ProtocolError(Exception):
