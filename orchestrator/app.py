@@ -9,11 +9,12 @@ from typing import Any
 from fastapi import FastAPI
 
 from . import __version__
-from .api import health, tci
+from .api import health, sandbox_fusion, tci
 from .api.deps import Services
 from .api.errors import install_error_handlers
 from .api.middleware import BodyLimitMiddleware, NormalizePathMiddleware, RequestContextMiddleware
 from .backends.base import Backend
+from .lanes import RunLanes
 from .metrics import Metrics
 from .reaper import start_reaper
 from .sessions import SessionManager
@@ -41,8 +42,10 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         metrics = Metrics()
         await chosen.start()
         manager = SessionManager(settings, chosen, metrics)
+        lanes = RunLanes(manager, settings)
         try:
             await manager.start()
+            await lanes.start()
             scheduler = start_reaper(manager, metrics, settings.reaper_interval_seconds)
             try:
                 yield {
@@ -50,6 +53,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
                         settings=settings,
                         backend=chosen,
                         manager=manager,
+                        lanes=lanes,
                         authenticator=Authenticator(settings),
                         metrics=metrics,
                     )
@@ -57,6 +61,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
             finally:
                 scheduler.shutdown(wait=False)
         finally:
+            await lanes.close()
             await manager.shutdown()
             await chosen.close()
 
@@ -69,6 +74,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
     install_error_handlers(app)
     app.include_router(tci.router)
     app.include_router(tci.router, prefix="/v1")
+    app.include_router(sandbox_fusion.router)
     app.include_router(health.router)
     # Added last = outermost: paths are normalised before routing, bodies capped before parsing.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -184,7 +184,9 @@ async def test_client_drives_the_real_runner(runner_process: asyncio.subprocess.
     assert client.closed
 
 
-async def test_run_and_fetch_match_the_client_models(runner_process: asyncio.subprocess.Process, tmp_path: Path) -> None:
+async def test_run_and_fetch_match_the_client_models(
+    runner_process: asyncio.subprocess.Process, tmp_path: Path
+) -> None:
     client = RunnerClient(*pipes(runner_process), max_frame_bytes=MAX_FRAME)
     await client.connect(timeout=30)
     args = {
@@ -192,7 +194,11 @@ async def test_run_and_fetch_match_the_client_models(runner_process: asyncio.sub
         "stdin": "7\n",
         "timeout": 20,
         "files": [
-            {"name": "main.py", "content": "import sys\nprint(int(input()) * 6)\nopen('out.bin', 'wb').write(b'\\x00\\xff')\nsys.exit(3)"}
+            {
+                "name": "main.py",
+                "content": "import sys\nprint(int(input()) * 6)\n"
+                "open('out.bin', 'wb').write(b'\\x00\\xff')\nsys.exit(3)",
+            }
         ],
         "fetch_files": ["out.bin", "missing.txt"],
     }

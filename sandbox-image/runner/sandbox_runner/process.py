@@ -227,10 +227,13 @@ async def _execute(request: _Request, home: Path, config: RunnerConfig, keep: se
         )
     except OSError as exc:
         # The command itself is missing or not executable: as a shell would, exit 127 / 126.
-        code = 127 if isinstance(exc, FileNotFoundError) else 126
-        return _result(b"", f"{request.argv[0]}: {exc.strerror}\n".encode(), code, 0.0, timed_out=False, oom=False)
+        status = 127 if isinstance(exc, FileNotFoundError) else 126
+        message = f"{request.argv[0]}: {exc.strerror}\n".encode()
+        return _result(b"", message, status, 0.0, timed_out=False, oom=False)
     procs.raise_oom_score(process.pid)
-    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    assert process.stdin is not None
+    assert process.stdout is not None
+    assert process.stderr is not None
     drains = [
         asyncio.create_task(stdout.drain(process.stdout)),
         asyncio.create_task(stderr.drain(process.stderr)),
@@ -253,11 +256,9 @@ async def _execute(request: _Request, home: Path, config: RunnerConfig, keep: se
         await asyncio.wait_for(asyncio.gather(*drains, return_exceptions=True), _DRAIN_GRACE)
     for task in (*drains, feeder, watchdog):
         task.cancel()
-    code = process.returncode
+    code: int | None = process.returncode
     oom = over_memory or (code == -signal.SIGKILL and not timed_out and procs.oom_kill_count() > oom_before)
-    return _result(
-        stdout, stderr, None if timed_out else code, elapsed, timed_out=timed_out, oom=oom
-    )
+    return _result(stdout, stderr, None if timed_out else code, elapsed, timed_out=timed_out, oom=oom)
 
 
 def _result(
