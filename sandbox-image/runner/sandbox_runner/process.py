@@ -38,6 +38,35 @@ _MAX_TIMEOUT = 24 * 3600.0
 _MAX_ARGS = 256
 
 
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Tells when the process has exited: ``Process.wait`` also waits for its pipes to close,
+    which a leftover holding them open would delay until it is killed."""
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self.exited = asyncio.Event()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        self.exited.set()
+
+
+async def _spawn(argv: list[str], home: Path, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, _Protocol]:
+    loop = asyncio.get_running_loop()
+    pipe = asyncio.subprocess.PIPE
+    transport, protocol = await loop.subprocess_exec(
+        lambda: _Protocol(_READ_CHUNK, loop),
+        *argv,
+        stdin=pipe,
+        stdout=pipe,
+        stderr=pipe,
+        cwd=home,
+        env=env,
+        start_new_session=True,
+    )
+    return asyncio.subprocess.Process(transport, protocol, loop), protocol
+
+
 class _Capped:
     """One output stream: keeps the first ``limit`` bytes, counts the rest."""
 
@@ -216,15 +245,7 @@ async def _execute(request: _Request, home: Path, config: RunnerConfig, keep: se
     oom_before = procs.oom_kill_count()
     began = time.monotonic()
     try:
-        process = await asyncio.create_subprocess_exec(
-            *request.argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=home,
-            env=_environment(home, config),
-            start_new_session=True,
-        )
+        process, protocol = await _spawn(request.argv, home, _environment(home, config))
     except OSError as exc:
         # The command itself is missing or not executable: as a shell would, exit 127 / 126.
         status = 127 if isinstance(exc, FileNotFoundError) else 126
@@ -240,7 +261,7 @@ async def _execute(request: _Request, home: Path, config: RunnerConfig, keep: se
     ]
     feeder = asyncio.create_task(_feed(process.stdin, request.stdin))
     watchdog = asyncio.create_task(_watch(process.pid, _memory_limit(request, config)))
-    waiter = asyncio.create_task(process.wait())
+    waiter = asyncio.create_task(protocol.exited.wait())
     done, _ = await asyncio.wait({waiter, watchdog}, timeout=request.timeout, return_when=asyncio.FIRST_COMPLETED)
     elapsed = time.monotonic() - began
     over_memory = watchdog in done
