@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import secrets
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -241,3 +242,96 @@ def test_auth_in_production_mode(docker_client: docker.DockerClient) -> None:
             assert client.app_state["services"].lanes.counts()["idle"] == 1
     finally:
         remove_labelled(docker_client, f"{labels.TEST_RUN}={run_id}")
+
+
+# -- verl's reward client, replayed from its documented behaviour ------------------------------------
+# It POSTs {compile_timeout, run_timeout, code, stdin, language, files: {}, fetch_files: []} to the URL,
+# retries only a 504 (3 attempts, 1 s then 2 s apart), treats any other HTTP error as a failed call,
+# and scores: call failed or SandboxError -1; compile error or compile time-out -4; run time-out -3;
+# run error or non-zero exit -2; otherwise stdout == expected (trailing newlines stripped).
+
+
+def verl_call(api: TestClient, code: str, stdin: str, timeout: int, language: str) -> tuple[Any, str | None]:
+    payload = {
+        "compile_timeout": timeout,
+        "run_timeout": timeout,
+        "code": code,
+        "stdin": stdin,
+        "language": language,
+        "files": {},
+        "fetch_files": [],
+    }
+    error = None
+    for attempt in range(3):
+        response = api.post("/run_code", json=payload, headers={"Accept": "application/json"})
+        if response.status_code == 504:
+            error = "gateway timeout"
+            if attempt < 2:
+                time.sleep(attempt + 1)  # the client's own back-off, not a synchronisation
+            continue
+        if response.status_code >= 400:
+            return None, f"HTTP {response.status_code}"
+        return response.json(), None
+    return None, error
+
+
+def verl_score(answer: Any, error: str | None, expected: str) -> int | bool:
+    if error is not None or answer is None or answer.get("status") == "SandboxError":
+        return -1
+    compile_result, run_result = answer.get("compile_result"), answer.get("run_result")
+    if answer["status"] == "Failed":
+        if compile_result and (
+            compile_result["status"] in {"Error", "TimeLimitExceeded"} or compile_result.get("return_code") != 0
+        ):
+            return -4
+        if not run_result:
+            return -1
+        if run_result["status"] == "TimeLimitExceeded":
+            return -3
+        if run_result["status"] == "Error" or run_result.get("return_code") != 0:
+            return -2
+        return -1
+    if answer["status"] == "Success" and run_result and run_result["status"] == "Finished":
+        return bool((run_result.get("stdout") or "").rstrip("\n") == expected.rstrip("\n"))
+    return -1
+
+
+@pytest.mark.parametrize(
+    ("code", "language", "expected", "score"),
+    [
+        ("print(int(input()) * 2)", "python", "42", True),
+        ("print(int(input()) * 2 + 1)", "python", "42", False),
+        ("print(int(input()) / 0)", "python", "42", -2),
+        ("import sys; sys.exit(2)", "python", "42", -2),
+        ("while True: pass", "python", "42", -3),
+        ('read n; echo "$((n * 2))"', "bash", "42", True),
+        ("int main() { return 0; }", "cpp", "42", -1),
+    ],
+    ids=["pass", "wrong-answer", "runtime-error", "exit-code", "time-out", "bash", "sandbox-error"],
+)
+def test_verl_reward_client_scores(api: TestClient, code: str, language: str, expected: str, score: int | bool) -> None:
+    answer, error = verl_call(api, code, "21\n", 1, language)
+    got = verl_score(answer, error, expected)
+    assert (type(got), got) == (type(score), score), answer
+
+
+def test_verl_compile_failure_scores_minus_four_on_our_answer_model() -> None:
+    # No language of this image compiles (SandboxFusion's Python has no compile step either), so -4 is
+    # checked on our own response model carrying a compile failure, the shape its compiled languages send.
+    from orchestrator.sandbox_fusion import CommandRunResult, RunCodeResponse
+
+    answer = RunCodeResponse(
+        status="Failed",
+        message="",
+        compile_result=CommandRunResult(status="Finished", return_code=1, stderr="error: expected ';'"),
+    ).model_dump()
+    assert verl_score(answer, None, "42") == -4
+
+
+def test_verl_retries_a_504_and_then_scores(api: TestClient) -> None:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(run_code, api, "sleep 1.5", "bash")
+        wait_for(lambda: _lane_leased(api), 20, "the slow request to hold the lane")
+        answer, error = verl_call(api, "print(int(input()) * 2)", "21", 5, "python")
+        assert verl_score(answer, error, "42") is True
+        assert slow.result(timeout=60)["status"] == "Success"
