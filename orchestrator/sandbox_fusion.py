@@ -40,7 +40,7 @@ class RunCodeRequest(BaseModel):
     """``POST /run_code``."""
 
     compile_timeout: float = Field(10, description="compile timeout for compiled languages")
-    run_timeout: float = Field(10, gt=0, description="code run timeout in seconds")
+    run_timeout: float = Field(10, ge=0, description="code run timeout in seconds")
     memory_limit_MB: int = Field(-1, description="maximum memory allowed in megabytes (-1: the sandbox's)")
     code: str = Field(examples=['print("hello")'])
     stdin: str | None = Field(None, examples=[""])

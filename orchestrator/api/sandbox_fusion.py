@@ -87,7 +87,8 @@ async def run_code(body: RunCodeRequest, tenant: FusionTenantDep, services: Serv
         return _answer(sandbox_error(exc.message))
     settings = services.settings
     memory = body.memory_limit_MB * _MiB if body.memory_limit_MB > 0 else 0
-    timeout = min(body.run_timeout, settings.execute_timeout_seconds)
+    # tinker-cookbook sends int(timeout): 0 means "no time at all" there, as in SandboxFusion.
+    timeout = min(max(body.run_timeout, 0.001), settings.execute_timeout_seconds)
     args = {
         "argv": program.argv,
         "stdin": body.stdin,
