@@ -45,6 +45,8 @@ class RunResult(BaseModel):
     dropped_bytes: dict[str, int] = Field(default_factory=dict)
     files: dict[str, str] = Field(default_factory=dict)
     """Fetched files, path -> base64."""
+    memory_limit_bytes: int | None = Field(None, ge=0)
+    """The memory limit the run was held to (None: none known)."""
 
 
 class FetchResult(BaseModel):

@@ -157,7 +157,7 @@ def parse_run_status(
     return "Success", ""
 
 
-def run_code_response(run: RunResult, *, pod: str | None, memory_limit_bytes: int | None) -> RunCodeResponse:
+def run_code_response(run: RunResult, *, pod: str | None) -> RunCodeResponse:
     """The answer for a finished ``run`` op."""
     result = CommandRunResult(
         status="TimeLimitExceeded" if run.timed_out else "Finished",
@@ -168,7 +168,7 @@ def run_code_response(run: RunResult, *, pod: str | None, memory_limit_bytes: in
     )
     status, message = parse_run_status(None, result)
     if run.oom:
-        limit = f" (limit {memory_limit_bytes // 2**20} MiB)" if memory_limit_bytes else ""
+        limit = f" (limit {run.memory_limit_bytes // 2**20} MiB)" if run.memory_limit_bytes else ""
         message = f"MemoryLimitExceeded: the program ran out of memory{limit} and was killed"
     return RunCodeResponse(
         status=status, message=message, run_result=result, executor_pod_name=pod, files=run.files, oom=run.oom

@@ -105,6 +105,9 @@ async def run_code(body: RunCodeRequest, tenant: FusionTenantDep, services: Serv
             except ValidationError:
                 await services.manager.end(session)
                 return _answer(sandbox_error("the sandbox sent a malformed reply", pod=pod))
+            except InvalidRequest as exc:
+                # Refused before anything ran (an upload's name or size).
+                return _answer(sandbox_error(f"invalid request: {exc.message}", pod=pod))
             except OrchestratorError as exc:
                 return _answer(sandbox_error(f"the sandbox failed: {exc.message}", pod=pod))
     except Saturated:
@@ -113,8 +116,7 @@ async def run_code(body: RunCodeRequest, tenant: FusionTenantDep, services: Serv
         raise Saturated(exc.message, retry_after=exc.retry_after) from exc
     except OrchestratorError as exc:
         return _answer(sandbox_error(f"no sandbox could be started: {exc.message}"))
-    limit = memory or settings.sandbox.memory_bytes
-    return _answer(run_code_response(run, pod=pod, memory_limit_bytes=limit))
+    return _answer(run_code_response(run, pod=pod))
 
 
 @router.post("/run_jupyter", responses={200: {"model": RunJupyterResponse}, **_ERRORS})

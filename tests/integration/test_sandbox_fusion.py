@@ -126,6 +126,9 @@ def test_files_in_and_binary_files_out(api: TestClient) -> None:
     body = run_code(api, code, files=files, fetch_files=["out.bin", "missing.bin"])
     assert (body["status"], body["run_result"]["stdout"]) == ("Success", "256 hi\n")
     assert body["files"] == {"out.bin": base64.b64encode(blob[::-1]).decode()}
+    refused = run_code(api, "print(1)", files={"/etc/passwd": "aA=="})
+    assert refused["status"] == "SandboxError"
+    assert refused["message"].startswith("invalid request: file name must be relative")
 
 
 def test_memory_limit_kills_with_the_oom_flag(api: TestClient) -> None:

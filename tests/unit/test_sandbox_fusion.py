@@ -60,14 +60,21 @@ def test_uploads_skip_empty_and_ignored_entries() -> None:
 
 
 def test_an_oom_says_so_in_message_and_flag() -> None:
-    run = RunResult(stdout="", stderr="", return_code=-9, execution_time=0.5, timed_out=False, oom=True)
-    answer = run_code_response(run, pod="abc", memory_limit_bytes=100 * 2**20)
+    run = RunResult(
+        stdout="",
+        stderr="",
+        return_code=-9,
+        execution_time=0.5,
+        timed_out=False,
+        oom=True,
+        memory_limit_bytes=100 * 2**20,
+    )
+    answer = run_code_response(run, pod="abc")
     assert (answer.status, answer.oom, answer.run_result and answer.run_result.return_code) == ("Failed", True, -9)
     assert answer.message == "MemoryLimitExceeded: the program ran out of memory (limit 100 MiB) and was killed"
     timed = run_code_response(
         RunResult(stdout="", stderr="", return_code=None, execution_time=1, timed_out=True, oom=False),
         pod=None,
-        memory_limit_bytes=None,
     )
     assert (timed.status, timed.message, timed.run_result and timed.run_result.status) == (
         "Failed",

@@ -260,7 +260,8 @@ async def _execute(request: _Request, home: Path, config: RunnerConfig, keep: se
         asyncio.create_task(stderr.drain(process.stderr)),
     ]
     feeder = asyncio.create_task(_feed(process.stdin, request.stdin))
-    watchdog = asyncio.create_task(_watch(process.pid, _memory_limit(request, config)))
+    memory_limit = _memory_limit(request, config)
+    watchdog = asyncio.create_task(_watch(process.pid, memory_limit))
     waiter = asyncio.create_task(protocol.exited.wait())
     done, _ = await asyncio.wait({waiter, watchdog}, timeout=request.timeout, return_when=asyncio.FIRST_COMPLETED)
     elapsed = time.monotonic() - began
@@ -279,7 +280,9 @@ async def _execute(request: _Request, home: Path, config: RunnerConfig, keep: se
         task.cancel()
     code: int | None = process.returncode
     oom = over_memory or (code == -signal.SIGKILL and not timed_out and procs.oom_kill_count() > oom_before)
-    return _result(stdout, stderr, None if timed_out else code, elapsed, timed_out=timed_out, oom=oom)
+    result = _result(stdout, stderr, None if timed_out else code, elapsed, timed_out=timed_out, oom=oom)
+    result["memory_limit_bytes"] = memory_limit
+    return result
 
 
 def _result(
@@ -308,6 +311,7 @@ def _result(
         "oom": oom,
         "dropped_bytes": dropped,
         "files": {},
+        "memory_limit_bytes": None,
     }
 
 
