@@ -68,10 +68,11 @@ class RunLanes:
                 await self._manager.end(lanes.idle.pop()[0])
 
     def counts(self) -> dict[str, int]:
-        """Idle and leased lanes over all tenants."""
+        """Idle and leased lanes, and requests waiting for one, over all tenants."""
         return {
             "idle": sum(len(t.idle) for t in self._tenants.values()),
             "leased": sum(t.held for t in self._tenants.values()),
+            "waiting": sum(len(t.waiters) for t in self._tenants.values()),
         }
 
     @contextlib.asynccontextmanager

@@ -254,7 +254,9 @@ def test_auth_in_production_mode(docker_client: docker.DockerClient) -> None:
 # run error or non-zero exit -2; otherwise stdout == expected (trailing newlines stripped).
 
 
-def verl_call(api: TestClient, code: str, stdin: str, timeout: int, language: str) -> tuple[Any, str | None]:
+def verl_call(
+    api: TestClient, code: str, stdin: str, timeout: int, language: str, seen: list[int] | None = None
+) -> tuple[Any, str | None]:
     payload = {
         "compile_timeout": timeout,
         "run_timeout": timeout,
@@ -267,6 +269,8 @@ def verl_call(api: TestClient, code: str, stdin: str, timeout: int, language: st
     error = None
     for attempt in range(3):
         response = api.post("/run_code", json=payload, headers={"Accept": "application/json"})
+        if seen is not None:
+            seen.append(response.status_code)
         if response.status_code == 504:
             error = "gateway timeout"
             if attempt < 2:
@@ -333,8 +337,11 @@ def test_verl_compile_failure_scores_minus_four_on_our_answer_model() -> None:
 
 def test_verl_retries_a_504_and_then_scores(api: TestClient) -> None:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(run_code, api, "sleep 1.5", "bash")
+        slow = pool.submit(run_code, api, "sleep 3", "bash")
         wait_for(lambda: _lane_leased(api), 20, "the slow request to hold the lane")
-        answer, error = verl_call(api, "print(int(input()) * 2)", "21", 5, "python")
+        seen: list[int] = []
+        answer, error = verl_call(api, "print(int(input()) * 2)", "21", 5, "python", seen)
         assert verl_score(answer, error, "42") is True
+        assert seen[0] == 504
+        assert seen[-1] == 200
         assert slow.result(timeout=60)["status"] == "Success"
