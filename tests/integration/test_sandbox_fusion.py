@@ -33,7 +33,7 @@ def _settings(run_id: str, **overrides: Any) -> Settings:
         "instance": run_id,
         "test_run_label": run_id,
         "sandbox": SandboxSettings(image=IMAGE),
-        "pool_size": 1,
+        "pool_size": 0,
         "reaper_interval_seconds": 3600,
         "log_format": "console",
         "run_code_sandboxes": 1,
@@ -102,6 +102,14 @@ def test_bash_and_pytest(api: TestClient) -> None:
     assert "1 failed, 1 passed" in failed["run_result"]["stdout"]
     passed = run_code(api, tests, "pytest", args=["-k", "ok"])
     assert (passed["status"], passed["run_result"]["return_code"]) == ("Success", 0)
+
+
+def test_output_is_capped_with_a_note(api: TestClient) -> None:
+    body = run_code(api, "import sys\nsys.stdout.write('x' * 1_500_000)\nprint('tail', file=sys.stderr)")
+    stdout = body["run_result"]["stdout"]
+    dropped = 1_500_000 - 2**20
+    assert stdout == "x" * 2**20 + f"\n[stdout truncated: {dropped} bytes dropped]\n"
+    assert (body["status"], body["run_result"]["stderr"]) == ("Success", "tail\n")
 
 
 def test_languages_beyond_the_image_are_a_sandbox_error_and_unknown_ones_a_422(api: TestClient) -> None:
