@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only PHASE] [--out .bench/results.json]``: run every phase, print the table, write JSON.
+"""``python -m bench [--quick] [--only PHASE] [--image IMAGE] [--out FILE]``: run, print the table, write JSON.
 
 Everything the benchmark starts carries one run id: orchestrator servers get it as their test-run
 label, and every container (ours, the servers', llm-sandbox's) is labelled with it, so the
