@@ -108,4 +108,4 @@ logs: ## Follow the service's logs
 
 .PHONY: bench
 bench: venv image ## Benchmark against the floors and llm-sandbox (BENCH_ARGS=--quick: smoke run)
-	$(VENV)/bin/python -m bench $(BENCH_ARGS)
+	$(VENV)/bin/python -m bench --image $(IMAGE) $(BENCH_ARGS)

@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only PHASE] [--out FILE]``: run every phase, print the table, write JSON.
+"""``python -m bench [--quick] [--only PHASE] [--image IMAGE] [--out FILE]``: run, print the table, write JSON.
 
 Everything the benchmark starts carries one run id: orchestrator servers get it as their test-run
 label, and every container (ours, the servers', llm-sandbox's) is labelled with it, so the
@@ -23,7 +23,7 @@ from typing import Any
 from orchestrator.backends import labels
 from orchestrator.logging import configure_logging
 
-from . import engine, interrupt, phases
+from . import engine, interrupt, phases, run_code
 from .context import Context
 from .plan import FULL, QUICK
 from .progress import elapsed, say
@@ -37,6 +37,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run of every phase")
     parser.add_argument("--only", action="append", metavar="PHASE", help="run only this phase (repeatable)")
     parser.add_argument("--out", type=Path, default=WORK_DIR / "results.json", help="where to write the JSON")
+    parser.add_argument("--image", default="tci-sandbox:latest", help="the sandbox image (make bench IMAGE=…)")
     return parser.parse_args(argv)
 
 
@@ -63,6 +64,7 @@ async def _run_phases(ctx: Context, errors: dict[str, str], only: list[str] | No
         ("peers", lambda: in_thread(phases.peers)),
         ("burst", lambda: phases.burst(ctx)),
         ("package_installs", lambda: phases.package_installs(ctx)),
+        ("run_code", lambda: run_code.run_code(ctx)),
     ]
     for name, step in steps:
         if only and name not in only:
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         del os.environ[key]
     WORK_DIR.mkdir(exist_ok=True)
     run_id = "bench" + secrets.token_hex(4)
-    ctx = Context(run_id=run_id, plan=plan, work_dir=WORK_DIR.resolve(), docker=engine.connect())
+    ctx = Context(run_id=run_id, plan=plan, work_dir=WORK_DIR.resolve(), docker=engine.connect(), image=args.image)
     image = ctx.settings("meta").sandbox.image
     results: dict[str, Any] = {
         "meta": {

@@ -26,6 +26,8 @@ class Plan:
     burst_requests: int
     package_installs: int
     """Cold/cached install pairs, each on an empty package cache."""
+    run_code_callers: int
+    run_code_burst: int
 
     @property
     def latency_samples(self) -> int:
@@ -52,6 +54,8 @@ FULL = Plan(
     memory_levels=(10, 100),
     burst_requests=100,
     package_installs=3,
+    run_code_callers=16,
+    run_code_burst=500,
 )
 
 QUICK = Plan(
@@ -71,4 +75,6 @@ QUICK = Plan(
     memory_levels=(10,),
     burst_requests=30,
     package_installs=1,
+    run_code_callers=16,
+    run_code_burst=60,
 )

@@ -293,6 +293,38 @@ def _install_rows(figures: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _run_code_rows(figures: dict[str, Any]) -> list[Row]:
+    entry = figures.get("run_code")
+    if not entry:
+        return [Row("9. SandboxFusion /run_code", "not measured")]
+    steady, burst, docker_run = entry["steady"], entry["burst"], entry["docker_run"]
+    p99 = steady["latency"]["summary"]["p99"]
+    rate_ok = steady["per_second"] >= 25 and p99 < 2 and steady["wrong_output"] == 0
+    bad = sum(n for code, n in burst["statuses"].items() if int(code) >= 500 and code != "504")
+    bad += sum(burst["transport_errors"].values())
+    leftovers = burst["leftover_session_containers"]
+    docker_latency = docker_run["latency"]["summary"]
+    return [
+        Row(
+            f"9a. /run_code print(1), {steady['callers']} callers",
+            f"{_num(steady['per_second'])}/s, p50 {_num(steady['latency']['summary']['median'] * 1000, 0)} ms, "
+            f"p99 {_num(p99 * 1000, 0)} ms, statuses {steady['statuses']}, wrong output {steady['wrong_output']}",
+            f"docker run --rm per request: {_num(docker_latency['median'], 2)} s each one at a time, "
+            f"{_num(docker_run['concurrent_per_second'])}/s with {docker_run['concurrent_callers']} at once",
+            "≥ 25/s, p99 < 2 s",
+            "met" if rate_ok else "MISSED",
+        ),
+        Row(
+            f"9b. /run_code burst of {burst['requests']}",
+            f"statuses {burst['statuses']}, p99 {_num(burst['latency']['summary']['p99'], 2)} s",
+            f"5xx other than 504 / transport errors: {bad}; session containers after stop: {leftovers}; "
+            f"warm pool kept by design: {burst['pool_containers_after_stop']}",
+            "0 x 5xx other than 504; 0 leftovers",
+            "met" if bad == 0 and leftovers == 0 else "MISSED",
+        ),
+    ]
+
+
 def rows(results: dict[str, Any]) -> list[Row]:
     figures = results.get("figures", {})
     return [
@@ -302,6 +334,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
         *_memory_rows(figures),
         *_burst_rows(figures),
         *_install_rows(figures),
+        *_run_code_rows(figures),
     ]
 
 

@@ -10,13 +10,14 @@ from fastapi import FastAPI
 from starlette.routing import Route
 
 from . import __version__
-from .api import files, health, playground, tci
+from .api import files, health, playground, sandbox_fusion, tci
 from .api.deps import Services
 from .api.errors import install_error_handlers
 from .api.mcp import PATH as mcp_path
 from .api.mcp import McpEndpoint
 from .api.middleware import BodyLimitMiddleware, NormalizePathMiddleware, RequestContextMiddleware
 from .backends.base import Backend
+from .lanes import RunLanes
 from .metrics import Metrics
 from .reaper import start_reaper
 from .sessions import SessionManager
@@ -46,8 +47,10 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         metrics = Metrics()
         await chosen.start()
         manager = SessionManager(settings, chosen, metrics)
+        lanes = RunLanes(manager, settings)
         try:
             await manager.start()
+            await lanes.start()
             scheduler = start_reaper(manager, metrics, settings.reaper_interval_seconds)
             services = Services(
                 settings=settings,
@@ -55,6 +58,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
                 manager=manager,
                 authenticator=Authenticator(settings),
                 metrics=metrics,
+                lanes=lanes,
                 files=SessionFiles(manager, settings.max_download_bytes),
             )
             try:
@@ -63,6 +67,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
             finally:
                 scheduler.shutdown(wait=False)
         finally:
+            await lanes.close()
             await manager.shutdown()
             await chosen.close()
 
@@ -77,6 +82,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
     for prefix in ("", "/v1"):
         app.include_router(tci.router, prefix=prefix)
         app.include_router(files.router, prefix=prefix)
+    app.include_router(sandbox_fusion.router)
     app.include_router(health.router)
     app.include_router(playground.router)
     app.router.routes.append(Route(mcp_path, mcp, methods=["GET", "POST", "DELETE"], include_in_schema=False))

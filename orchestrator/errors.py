@@ -9,6 +9,7 @@
     ├── SessionNotFound (LookupError)      404 session_not_found: unknown, expired or another tenant's
     ├── FileNotFound (LookupError)         404 file_not_found: no such path in the session's directory
     ├── CapacityExhausted                  429 rate_limit_exceeded, with Retry-After; nothing ran
+    │   └── Saturated                      504 the same on SandboxFusion's routes (the one status verl retries)
     └── SandboxFailure                     5xx, only ever before user code reached a kernel
         ├── BackendUnavailable             503 the engine cannot be reached
         ├── SandboxImageMissing            500 misconfiguration: retrying cannot help
@@ -90,6 +91,13 @@ class CapacityExhausted(OrchestratorError):
     def __init__(self, message: str, *, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Saturated(CapacityExhausted):
+    """Every sandbox a SandboxFusion route may use is busy; nothing ran. Its clients retry only 504."""
+
+    status_code = 504
+    code = "saturated"
 
 
 class SandboxFailure(OrchestratorError):

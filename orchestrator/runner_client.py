@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import structlog
+from pydantic import BaseModel, Field
 
 from .errors import FileNotFound, InvalidRequest, RequestTooLarge, RunnerFailure
 
@@ -32,6 +33,46 @@ SYNC_MARKER: Final = b"\x00TCI-SYNC:"
 PROGRESS: Final = "progress"
 
 ProgressListener = Callable[[dict[str, Any]], None]
+
+OPS: Final = frozenset(
+    {
+        "hello",
+        "ready",
+        "execute",
+        "interrupt",
+        "stats",
+        "list_files",
+        "read_file",
+        "write_file",
+        "delete_file",
+        "run",
+        "fetch",
+    }
+)
+
+
+class RunResult(BaseModel):
+    """The result of the ``run`` op (a command as a process), validated: it comes from a sandbox."""
+
+    stdout: str
+    stderr: str
+    return_code: int | None
+    """None when the command was killed at its time limit."""
+    execution_time: float = Field(ge=0)
+    timed_out: bool
+    oom: bool
+    dropped_bytes: dict[str, int] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict)
+    """Fetched files, path -> base64."""
+    memory_limit_bytes: int | None = Field(None, ge=0)
+    """The memory limit the run was held to (None: none known)."""
+
+
+class FetchResult(BaseModel):
+    """The result of the ``fetch`` op: files of the working directory, path -> base64."""
+
+    files: dict[str, str]
+    dropped_bytes: int = Field(0, ge=0)
 
 
 class RunnerRefused(Exception):

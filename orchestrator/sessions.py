@@ -7,10 +7,11 @@ rebuilt by ``reconcile`` at start-up and corrected by every reaper run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -106,6 +107,8 @@ class Session:
     waiting: int = 0
     gone: str | None = None
     """Why the session ended (expired, idle, lost, closed); set before its container is removed."""
+    listed: bool = True
+    """False for sessions another surface holds by handle: not listed, not reachable by id."""
 
     @property
     def session_id(self) -> str:
@@ -231,7 +234,11 @@ class SessionManager:
         """The caller's live sessions, oldest first."""
         now = self._clock()
         return sorted(
-            (s.view() for s in self._sessions.values() if s.claim.tenant == tenant and self._alive(s, now)),
+            (
+                s.view()
+                for s in self._sessions.values()
+                if s.claim.tenant == tenant and s.listed and self._alive(s, now)
+            ),
             key=lambda view: view.started_at,
         )
 
@@ -280,6 +287,45 @@ class SessionManager:
             await self._reconnect(session)
         return session.client
 
+    # -- sessions held by handle (other API surfaces) --------------------------------------------
+
+    async def open(self, tenant: str, *, listed: bool = True) -> Session:
+        """A new session for ``tenant``, admitted like any other; the caller must ``end`` it.
+
+        Raises:
+            CapacityExhausted: no room for a new session (nothing ran).
+            SandboxFailure: no sandbox could be provided (nothing ran).
+        """
+        session = await self._new_session(tenant)
+        session.listed = listed
+        return session
+
+    async def execute_in(
+        self, session: Session, code: str, files: list[dict[str, str]] | None, timeout: float
+    ) -> ExecuteResult:
+        """``execute`` on a session held by handle."""
+        return await self._run(session, _Job(code, files, timeout, None), fresh=True)
+
+    async def call(self, session: Session, op: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Any other runner op on a session held by handle, in turn with its executes.
+
+        Raises:
+            InvalidRequest: the runner refused the arguments (nothing ran).
+            RunnerFailure: the sandbox failed, perhaps mid-run; the session has been ended.
+        """
+        async with self._turn(session, fresh=True):
+            try:
+                return await session.client.request(op, args, timeout=timeout + _REPLY_SLACK)
+            except RunnerRefused as exc:
+                raise exc.to_error() from exc
+            except RunnerFailure:
+                await self._end(session, session.gone or "lost")
+                raise
+
+    async def end(self, session: Session) -> None:
+        """End a session held by handle and remove its sandbox."""
+        await self._end(session, "closed")
+
     # -- internals -----------------------------------------------------------------------------
 
     def _alive(self, session: Session, now: float) -> bool:
@@ -291,7 +337,8 @@ class SessionManager:
 
     def _lookup(self, tenant: str, session_id: str) -> Session:
         session = self._sessions.get(session_id) if looks_like_session_id(session_id) else None
-        if session is None or session.claim.tenant != tenant or not self._alive(session, self._clock()):
+        now = self._clock()
+        if session is None or session.claim.tenant != tenant or not session.listed or not self._alive(session, now):
             raise SessionNotFound(f"Session {session_id} not found or expired", param="session_id")
         return session
 
@@ -351,6 +398,12 @@ class SessionManager:
         return Session(claim=claim, sandbox=sandbox, client=client)
 
     async def _run(self, session: Session, job: _Job, *, fresh: bool = False) -> ExecuteResult:
+        async with self._turn(session, fresh=fresh):
+            return await self._send(session, job)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, session: Session, *, fresh: bool) -> AsyncIterator[None]:
+        """Wait for the session's previous request, in arrival order, then hold it."""
         if session.waiting >= self._settings.max_queued_per_session:
             self._metrics.admission_rejected.labels(reason="queue_full").inc()
             raise CapacityExhausted("too many executes queued on this session", retry_after=1)
@@ -365,7 +418,7 @@ class SessionManager:
                 raise SessionNotFound(f"Session {session.session_id} not found or expired", param="session_id")
             if session.client.closed:
                 await self._reconnect(session)
-            return await self._send(session, job)
+            yield
         finally:
             session.lock.release()
 

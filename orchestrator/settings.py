@@ -156,6 +156,16 @@ class Settings(BaseSettings):
     """Warm containers kept ready per profile; 0 turns the pool off."""
     pool_max_age_seconds: float = Field(1800, gt=0)
 
+    run_code_tenant: str | None = None
+    """Tenant that SandboxFusion calls without an Authorization header run as; unset: "sandbox-fusion"
+    in dev mode, 401 in production."""
+    run_code_sandboxes: int = Field(16, ge=1)
+    """Sandboxes per tenant that serve /run_code, each one request at a time (also within the tenant cap)."""
+    run_code_wait_seconds: float = Field(10, ge=0)
+    """How long a /run_code request waits for a free sandbox before a 504."""
+    run_code_idle_seconds: float = Field(120, gt=0)
+    """/run_code sandboxes idle this long are removed."""
+
     reaper_interval_seconds: float = Field(15, gt=0)
     orphan_grace_seconds: float = Field(60, ge=0)
     """Unaccounted containers younger than this are left alone (they may be starting)."""
@@ -175,6 +185,13 @@ class Settings(BaseSettings):
     sandbox: SandboxSettings = SandboxSettings()
     packages: PackageSettings = PackageSettings()
     package_cache: PackageCacheSettings = PackageCacheSettings()
+
+    @field_validator("run_code_tenant")
+    @classmethod
+    def _run_code_tenant_name(cls, value: str | None) -> str | None:
+        if value is not None and not TENANT_PATTERN.match(value):
+            raise ValueError("run_code_tenant must match [A-Za-z0-9_-]{1,64}")
+        return value
 
     @field_validator("instance")
     @classmethod

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from ..backends.base import Backend
+from ..lanes import RunLanes
 from ..metrics import Metrics
 from ..sessions import SessionManager
 from ..settings import Settings
@@ -22,6 +23,7 @@ class Services:
     settings: Settings
     backend: Backend
     manager: SessionManager
+    lanes: RunLanes
     authenticator: Authenticator
     metrics: Metrics
     files: SessionFiles

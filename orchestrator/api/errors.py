@@ -33,8 +33,10 @@ def _from_validation(exc: RequestValidationError) -> OrchestratorError:
     if first.get("type") == "json_invalid":
         return InvalidRequest(f"request body is not valid JSON: {first.get('msg')}", code="invalid_json")
     if loc == ["language"]:
+        ctx = first.get("ctx")
+        expected = ctx.get("expected", "'python'") if isinstance(ctx, dict) else "'python'"
         error = InvalidRequest(
-            f"language {first.get('input')!r} is not supported; only 'python' is",
+            f"language {first.get('input')!r} is not supported; expected {expected}",
             param="language",
             code="unsupported_language",
         )

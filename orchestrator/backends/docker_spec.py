@@ -110,7 +110,8 @@ def container_config(
         if sandbox.log_driver == "none"
         else {"Type": sandbox.log_driver, "Config": {"max-size": "1m", "max-file": "1"}},
         "restart_policy": {"Name": "no"},
-        "environment": runner_environment(sandbox),
+        # Only in a container: the ``run`` op restores these after each run (never a host's /tmp).
+        "environment": {**runner_environment(sandbox), "TCI_RUNNER_SCRUB_DIRS": f"{HOME}:/tmp"},
         "working_dir": WORKDIR,
     }
     if channel_dir is not None:

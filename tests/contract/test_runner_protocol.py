@@ -131,6 +131,7 @@ def test_constants_match() -> None:
     assert runner_client.HEADER.format == protocol.HEADER.format
     assert runner_client.SYNC_MARKER == protocol.SYNC_MARKER
     assert runner_client.PROGRESS == protocol.PROGRESS
+    assert runner_client.OPS == protocol.OPS
 
 
 @pytest.mark.parametrize(
@@ -223,6 +224,41 @@ async def test_progress_frames_and_file_ops_reach_the_client(runner_process: asy
         assert caught.value.code == code_
     assert await client.request("delete_file", {"path": "d"}, timeout=10) == {}
     assert (await client.request("list_files", {"path": ""}, timeout=10))["entries"] == []
+
+
+async def test_run_and_fetch_match_the_client_models(
+    runner_process: asyncio.subprocess.Process, tmp_path: Path
+) -> None:
+    client = RunnerClient(*pipes(runner_process), max_frame_bytes=MAX_FRAME)
+    await client.connect(timeout=30)
+    args = {
+        "argv": [sys.executable, "main.py"],
+        "stdin": "7\n",
+        "timeout": 20,
+        "files": [
+            {
+                "name": "main.py",
+                "content": "import sys\nprint(int(input()) * 6)\n"
+                "open('out.bin', 'wb').write(b'\\x00\\xff')\nsys.exit(3)",
+            }
+        ],
+        "fetch_files": ["out.bin", "missing.txt"],
+    }
+    raw = await client.request("run", args, timeout=30)
+    result = runner_client.RunResult.model_validate(raw)
+    assert set(raw) == set(runner_client.RunResult.model_fields)
+    assert (result.stdout, result.return_code, result.timed_out, result.oom) == ("42\n", 3, False, False)
+    assert result.files == {"out.bin": "AP8="}
+    # The run's directory is gone; the working directory holds nothing new.
+    assert not [p for p in (tmp_path / "workspace").iterdir() if p.name.startswith(".run-")]
+    (tmp_path / "workspace" / "kept.txt").write_text("hi")
+    fetched = runner_client.FetchResult.model_validate(
+        await client.request("fetch", {"paths": ["kept.txt", "nope"]}, timeout=10)
+    )
+    assert fetched.files == {"kept.txt": "aGk="}
+    with pytest.raises(RunnerRefused) as caught:
+        await client.request("run", {"argv": []}, timeout=10)
+    assert (caught.value.code, caught.value.param) == ("bad_request", "argv")
     await client.close()
 
 

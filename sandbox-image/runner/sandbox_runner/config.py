@@ -41,6 +41,8 @@ class RunnerConfig:
     # The index gate's socket, relayed to 127.0.0.1:index_port for pip. None: no package index.
     index_socket: Path | None = None
     index_port: int = 3141
+    # Shared writable directories the ``run`` op restores to their previous listing after each run.
+    scrub_dirs: tuple[Path, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RunnerConfig:
@@ -69,4 +71,5 @@ class RunnerConfig:
             socket=Path(env["TCI_RUNNER_SOCKET"]) if env.get("TCI_RUNNER_SOCKET") else None,
             index_socket=Path(env["TCI_RUNNER_INDEX_SOCKET"]) if env.get("TCI_RUNNER_INDEX_SOCKET") else None,
             index_port=int(num("INDEX_PORT", cls.index_port)),
+            scrub_dirs=tuple(Path(d) for d in env.get("TCI_RUNNER_SCRUB_DIRS", "").split(":") if d),
         )

@@ -24,7 +24,19 @@ MAX_REQUEST_BYTES: Final = 96 * 1024 * 1024
 SYNC_MARKER: Final = b"\x00TCI-SYNC:"
 
 OPS: Final = frozenset(
-    {"hello", "ready", "execute", "interrupt", "stats", "list_files", "read_file", "write_file", "delete_file"}
+    {
+        "hello",
+        "ready",
+        "execute",
+        "interrupt",
+        "stats",
+        "list_files",
+        "read_file",
+        "write_file",
+        "delete_file",
+        "run",
+        "fetch",
+    }
 )
 # Key of a progress frame: sent for an ``execute`` with ``stream: true`` before its reply, same id.
 PROGRESS: Final = "progress"

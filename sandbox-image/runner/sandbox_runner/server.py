@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, procs, workspace
+from . import __version__, process, procs, workspace
 from . import relay as index_relay
 from .config import RunnerConfig
 from .files import FileRejected, check_destinations, prepare_files, write_files
@@ -137,6 +137,14 @@ class Runner:
                     await self._send(ok(request_id, self._stats()))
                 case "list_files" | "read_file" | "write_file" | "delete_file":
                     await self._send(await self._file_op(request_id, op, args))
+                case "run" | "fetch":
+                    # Under the execute lock: an execute's leftover sweep would kill the process.
+                    async with self._exec_lock:
+                        if op == "fetch":
+                            await self._send(process.fetch(request_id, args, self._config))
+                        else:
+                            keep = {self._kernel.pid} if self._kernel.pid else set()
+                            await self._send(await process.run(request_id, args, self._config, keep))
         except Exception as exc:
             log.exception("request %s (%s) failed", request_id, op)
             await self._send(fail(request_id, "runner_error", f"{type(exc).__name__}: {exc}"))
