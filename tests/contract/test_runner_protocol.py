@@ -242,7 +242,8 @@ async def test_run_and_fetch_match_the_client_models(
                 "open('out.bin', 'wb').write(b'\\x00\\xff')\nsys.exit(3)",
             }
         ],
-        "fetch_files": ["out.bin", "missing.txt"],
+        # Missing files, and paths the file routes refuse, are left out.
+        "fetch_files": ["out.bin", "missing.txt", "/etc/passwd", "../../etc/hostname"],
     }
     raw = await client.request("run", args, timeout=30)
     result = runner_client.RunResult.model_validate(raw)
@@ -253,7 +254,7 @@ async def test_run_and_fetch_match_the_client_models(
     assert not [p for p in (tmp_path / "workspace").iterdir() if p.name.startswith(".run-")]
     (tmp_path / "workspace" / "kept.txt").write_text("hi")
     fetched = runner_client.FetchResult.model_validate(
-        await client.request("fetch", {"paths": ["kept.txt", "nope"]}, timeout=10)
+        await client.request("fetch", {"paths": ["kept.txt", "nope", "/etc/passwd"]}, timeout=10)
     )
     assert fetched.files == {"kept.txt": "aGk="}
     with pytest.raises(RunnerRefused) as caught:

@@ -29,6 +29,7 @@ from . import procs
 from .config import Limits, RunnerConfig
 from .files import FileRejected, check_destinations, prepare_files, write_files
 from .protocol import fail, ok
+from .workspace import WorkspaceRefused, resolve_path
 
 _POLL = 0.1
 # Pipes still held open by a leftover that is being killed: they close within this.
@@ -123,13 +124,17 @@ def _parse(args: dict[str, Any]) -> _Request | tuple[str, str]:
 def read_files(root: Path, paths: list[str], limits: Limits) -> tuple[dict[str, str], int]:
     """Regular files at ``paths`` (relative to ``root``) as base64, and the bytes left out.
 
-    Missing paths and directories are skipped, as SandboxFusion does; past ``max_files_bytes`` in
+    Missing paths and directories are skipped, as SandboxFusion does, and so are paths the file
+    routes refuse (absolute, ``..``, through a symlink out of ``root``); past ``max_files_bytes`` in
     total the remaining files are left out and counted.
     """
     found: dict[str, str] = {}
     total = dropped = 0
     for name in paths:
-        path = root / name
+        try:
+            path = resolve_path(root, name, limits)
+        except WorkspaceRefused:
+            continue
         with contextlib.suppress(OSError):
             if not path.is_file():
                 continue

@@ -35,7 +35,7 @@ def _inside(root: Path, path: Path) -> bool:
     return path == real_root or real_root in path.parents
 
 
-def _target(root: Path, name: Any, limits: Limits, *, root_allowed: bool = False, entry: bool = False) -> Path:
+def resolve_path(root: Path, name: Any, limits: Limits, *, root_allowed: bool = False, entry: bool = False) -> Path:
     """``root / name`` after the name rules, refused when it resolves outside ``root``.
 
     With ``entry``, a final symlink is the entry itself (to delete it): only its directory must be inside.
@@ -58,7 +58,7 @@ def _missing(name: Any) -> WorkspaceRefused:
 
 def list_dir(root: Path, name: Any, limits: Limits) -> dict[str, Any]:
     """Regular files and directories in one directory (symlinks, FIFOs and devices are left out)."""
-    directory = _target(root, name, limits, root_allowed=True).resolve()
+    directory = resolve_path(root, name, limits, root_allowed=True).resolve()
     real_root = root.resolve()
     if not directory.exists():
         raise _missing(name)
@@ -93,7 +93,7 @@ def list_dir(root: Path, name: Any, limits: Limits) -> dict[str, Any]:
 
 def read_chunk(root: Path, name: Any, limits: Limits, offset: int, length: int, max_bytes: int) -> dict[str, Any]:
     """``length`` bytes from ``offset`` of a regular file, base64, with its size and mtime."""
-    target = _target(root, name, limits).resolve()
+    target = resolve_path(root, name, limits).resolve()
     try:
         # O_NONBLOCK: opening a FIFO must not hang; it is refused below like any non-regular file.
         fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -129,7 +129,7 @@ def write_file(root: Path, name: Any, content: Any, limits: Limits) -> dict[str,
     # base64 is 4 characters per 3 bytes: refuse an oversize upload before decoding it.
     if (len(content) // 4) * 3 > limits.max_file_bytes + 3:
         raise WorkspaceRefused("file_too_large", f"file is over the {limits.max_file_bytes}-byte upload limit")
-    _target(root, name, limits)
+    resolve_path(root, name, limits)
     try:
         prepared = prepare_files([{"name": name, "content": content, "encoding": "base64"}], limits)
         check_destinations(root, prepared)
@@ -142,7 +142,7 @@ def write_file(root: Path, name: Any, content: Any, limits: Limits) -> dict[str,
 
 def delete(root: Path, name: Any, limits: Limits) -> dict[str, Any]:
     """Remove one file, symlink (not its target) or directory tree."""
-    target = _target(root, name, limits, entry=True)
+    target = resolve_path(root, name, limits, entry=True)
     try:
         info = target.lstat()
     except FileNotFoundError as exc:
