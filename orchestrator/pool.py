@@ -145,6 +145,7 @@ class WarmPool:
         self._filling += 1
         began = time.monotonic()
         sandbox: SandboxInfo | None = None
+        client: RunnerClient | None = None
         try:
             sandbox = await self._backend.create(None)
             timeout = self._settings.runner_ready_timeout_seconds
@@ -156,6 +157,11 @@ class WarmPool:
                 with contextlib.suppress(OrchestratorError):
                     await self._backend.destroy(sandbox.sandbox_id)
             return False
+        except asyncio.CancelledError:
+            # Shutdown mid-fill: the sandbox stays for the next start to adopt or reap, its channel not.
+            if client is not None:
+                await client.close()
+            raise
         finally:
             self._filling -= 1
         self._ready.append((sandbox, client))
