@@ -213,8 +213,9 @@ class DockerBackend:
     async def claim(self, sandbox: SandboxInfo, claim: Claim) -> SandboxInfo:
         name = labels.claimed_name(self._settings.instance, claim)
         try:
-            container = await self._call(self.client.containers.get, sandbox.sandbox_id)
-            await self._call(container.rename, name)
+            # Addressed by its unclaimed name, not its id: once one control plane has renamed it,
+            # another one's claim finds no such container (404) instead of renaming it again.
+            await self._call(self.client.api.rename, sandbox.name, name)
         except BackendUnavailable as exc:
             raise SandboxStartFailed(f"warm sandbox could not be claimed: {exc}") from exc
         return SandboxInfo(
