@@ -213,9 +213,11 @@ class DockerBackend:
     async def claim(self, sandbox: SandboxInfo, claim: Claim) -> SandboxInfo:
         name = labels.claimed_name(self._settings.instance, claim)
         try:
-            # Addressed by its unclaimed name, not its id: once one control plane has renamed it,
-            # another one's claim finds no such container (404) instead of renaming it again.
-            await self._call(self.client.api.rename, sandbox.name, name)
+            # The engine has no compare-and-swap, but a name is unique: of two control planes
+            # renaming the same warm container to the same taken-name, only the first succeeds (the
+            # other finds no container by the old name, or is told the name is already its own).
+            await self._call(self.client.api.rename, sandbox.name, f"{sandbox.name}.taken")
+            await self._call(self.client.api.rename, sandbox.sandbox_id, name)
         except BackendUnavailable as exc:
             raise SandboxStartFailed(f"warm sandbox could not be claimed: {exc}") from exc
         return SandboxInfo(

@@ -93,13 +93,12 @@ def _docker(request: pytest.FixtureRequest) -> Platform:
         client.api.kill(sandbox_id)
 
     def settings(**overrides: Any) -> Settings:
-        if "instance" in overrides:
-            overrides["test_run_label"] = make_settings().test_run_label
-        image = overrides.pop("sandbox", {}).get("image")
-        made = make_settings(**overrides)
-        if image:
-            made = made.model_copy(update={"sandbox": made.sandbox.model_copy(update={"image": image})})
-        return made
+        # The fixture fixes instance and image; the test-run label stays, so cleanup still finds all.
+        update = {"instance": overrides.pop("instance")} if "instance" in overrides else {}
+        made = make_settings(**{k: v for k, v in overrides.items() if k != "sandbox"})
+        if image := overrides.get("sandbox", {}).get("image"):
+            update["sandbox"] = made.sandbox.model_copy(update={"image": image})
+        return made.model_copy(update=update)
 
     return Platform(settings, vanish=vanish, kill=kill)
 
