@@ -19,7 +19,9 @@ from typing import Any
 import docker
 import docker.errors
 import pytest
+from fastapi.testclient import TestClient
 
+from orchestrator.app import create_app, make_backend
 from orchestrator.backends.base import Backend
 from orchestrator.errors import SandboxImageMissing, SandboxStartFailed, SessionNotFound
 from orchestrator.metrics import Metrics
@@ -46,8 +48,6 @@ class Platform:
     kill: Callable[[str], None]
 
     def backend(self, **overrides: Any) -> Backend:
-        from orchestrator.app import make_backend
-
         return make_backend(self.make_settings(**overrides))
 
 
@@ -306,3 +306,17 @@ async def test_warm_pool_hand_out_through_the_session_layer(platform: Platform) 
         for sandbox in await backend.list():
             await backend.destroy(sandbox.sandbox_id)
         await backend.close()
+
+
+def test_the_tci_api_runs_on_the_backend(platform: Platform) -> None:
+    headers = {"Authorization": "Bearer sk-contract"}
+    with TestClient(create_app(platform.make_settings(execute_timeout_seconds=20))) as api:
+        first = api.post("/v1/tci/execute", json={"language": "python", "code": "z = 7"}, headers=headers)
+        assert first.status_code == 200, first.text
+        session_id = first.json()["data"]["session_id"]
+        body = {"language": "python", "code": "print(z * 6)", "session_id": session_id}
+        again = api.post("/v1/tci/execute", json=body, headers=headers)
+        assert again.json()["data"]["outputs"] == [{"type": "stdout", "data": "42\n"}]
+        listed = api.get("/v1/tci/sessions", headers=headers).json()["data"]["sessions"]
+        assert [s["id"] for s in listed] == [session_id]
+        assert api.delete(f"/v1/tci/sessions/{session_id}", headers=headers).status_code < 300
