@@ -92,6 +92,14 @@ class KubernetesSettings(BaseModel):
     """Service account of sandbox pods; its token is never mounted."""
     max_concurrent_calls: int = Field(64, ge=1)
     """API-server connections in flight."""
+    leader_election: bool = False
+    """Replicas take turns through a coordination.k8s.io Lease: only its holder starts serving,
+    and one that loses it exits. Standbys take over within ``lease_duration_seconds``."""
+    lease_name: str = Field("tci-orchestrator", pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+    """The Lease (in ``namespace``); one per instance."""
+    lease_duration_seconds: int = Field(15, gt=1)
+    renew_deadline_seconds: float = Field(10, gt=1)
+    retry_period_seconds: float = Field(2, ge=1)
 
 
 class Settings(BaseSettings):

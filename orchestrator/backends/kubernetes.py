@@ -16,14 +16,19 @@ import contextlib
 import json
 import os
 import secrets
+import signal
+import socket
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final
 
 import aiohttp
 import structlog
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.rest import ApiException
+from kubernetes_asyncio.leaderelection.electionconfig import Config as ElectionConfig
+from kubernetes_asyncio.leaderelection.leaderelection import LeaderElection
+from kubernetes_asyncio.leaderelection.resourcelock.leaselock import LeaseLock
 from kubernetes_asyncio.stream import WsApiClient
 
 from ..errors import BackendUnavailable, RunnerFailure, SandboxImageMissing, SandboxStartFailed
@@ -70,8 +75,10 @@ async def _json(call: Awaitable[Any]) -> dict[str, Any]:
 class KubernetesBackend:
     """``Backend`` on a Kubernetes cluster: pods in ``settings.kubernetes.namespace``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, on_lost_leadership: Callable[[], None] | None = None) -> None:
         self._settings = settings
+        self._on_lost_leadership = on_lost_leadership or _terminate
+        self._election: asyncio.Task[None] | None = None
         self._kube = settings.kubernetes
         self._namespace = settings.kubernetes.namespace
         self._profile = settings.sandbox.profile_key()
@@ -91,8 +98,52 @@ class KubernetesBackend:
         configuration.connection_pool_maxsize = self._kube.max_concurrent_calls
         self._api = client.ApiClient(configuration)
         self._ws = WsApiClient(configuration)
+        if self._kube.leader_election:
+            await self._lead(self._api)
+
+    async def _lead(self, api: client.ApiClient) -> None:
+        """Return once this replica holds the Lease; keep renewing it in the background.
+
+        Only the holder reconciles, fills the pool, reaps and serves (a standby's lifespan waits
+        here, so it is not ready). Losing the Lease ends the process, as client-go's callers do:
+        a replica that cannot prove it leads must not go on removing or handing out sandboxes.
+        """
+        identity = f"{socket.gethostname()}-{secrets.token_hex(4)}"
+        leading = asyncio.Event()
+
+        async def started() -> None:
+            log.info("leader_elected", identity=identity, lease=self._kube.lease_name)
+            leading.set()
+
+        async def stopped() -> None:
+            log.critical("leadership_lost", identity=identity, lease=self._kube.lease_name)
+            self._on_lost_leadership()
+
+        election = LeaderElection(
+            ElectionConfig(
+                LeaseLock(self._kube.lease_name, self._namespace, identity, api),
+                lease_duration=self._kube.lease_duration_seconds,
+                renew_deadline=self._kube.renew_deadline_seconds,
+                retry_period=self._kube.retry_period_seconds,
+                onstarted_leading=started,
+                onstopped_leading=stopped,
+            )
+        )
+        self._election = asyncio.create_task(election.run(), name="leader-election")
+        log.info("awaiting_leadership", identity=identity, lease=self._kube.lease_name)
+        waiting = asyncio.create_task(leading.wait())
+        await asyncio.wait({self._election, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if not leading.is_set():
+            waiting.cancel()
+            failure = self._election.exception()
+            raise BackendUnavailable(f"leader election ended before this replica led: {failure!r}")
 
     async def close(self) -> None:
+        if self._election is not None:
+            self._election.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._election
+            self._election = None
         for api in (self._api, self._ws):
             if api is not None:
                 await api.close()
@@ -311,6 +362,11 @@ class KubernetesBackend:
             raise BackendUnavailable(f"kubernetes API unreachable deleting a pod: {exc}") from exc
         self._versions.pop(sandbox_id, None)
         log.info("sandbox_removed", sandbox=sandbox_id)
+
+
+def _terminate() -> None:
+    """Stop this process the way Kubernetes would: SIGTERM, so uvicorn shuts down in order."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _AttachSink:

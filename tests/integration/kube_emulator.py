@@ -105,6 +105,7 @@ class Cluster:
         self.attach_protocols: list[str] = []
         self.requests: list[tuple[str, str]] = []
         self._pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self._leases: dict[tuple[str, str], dict[str, Any]] = {}
         self._containers: dict[tuple[str, str], _Container] = {}
         self._version = 1000
         self._events: list[tuple[int, str, str, dict[str, Any]]] = []
@@ -140,6 +141,10 @@ class Cluster:
         app.router.add_patch(base + "/{name}", self._patch)
         app.router.add_delete(base + "/{name}", self._delete)
         app.router.add_get(base + "/{name}/attach", self._attach)
+        leases = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+        app.router.add_post(leases, self._create_lease)
+        app.router.add_get(leases + "/{name}", self._get_lease)
+        app.router.add_put(leases + "/{name}", self._replace_lease)
         runner = web.AppRunner(app, shutdown_timeout=1)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -396,6 +401,56 @@ class Cluster:
         finally:
             container.attached.discard(socket)
         return socket
+
+    async def _lease_body(self, request: web.Request) -> dict[str, Any] | web.Response:
+        """The request's Lease, typed from the URL where the body leaves it out (as the API server does)."""
+        lease: dict[str, Any] = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", **await request.json()}
+        try:
+            kubernetes_validate.validate(lease, SCHEMA_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            return _status(422, "Invalid", f"Lease is invalid: {exc.message}")
+        return lease
+
+    async def _create_lease(self, request: web.Request) -> web.Response:
+        lease = await self._lease_body(request)
+        if isinstance(lease, web.Response):
+            return lease
+        key = (request.match_info["namespace"], lease["metadata"]["name"])
+        if key in self._leases:
+            return _status(409, "AlreadyExists", f'leases.coordination.k8s.io "{key[1]}" already exists')
+        self._version += 1
+        lease["metadata"].update(namespace=key[0], resourceVersion=str(self._version))
+        self._leases[key] = lease
+        return web.json_response(lease, status=201)
+
+    async def _get_lease(self, request: web.Request) -> web.Response:
+        key = (request.match_info["namespace"], request.match_info["name"])
+        if key not in self._leases:
+            return _status(404, "NotFound", f'leases.coordination.k8s.io "{key[1]}" not found')
+        return web.json_response(self._leases[key])
+
+    async def _replace_lease(self, request: web.Request) -> web.Response:
+        """PUT: the whole object, refused unless it carries the current resourceVersion."""
+        key = (request.match_info["namespace"], request.match_info["name"])
+        lease = await self._lease_body(request)
+        if isinstance(lease, web.Response):
+            return lease
+        current = self._leases.get(key)
+        if current is None:
+            return _status(404, "NotFound", f'leases.coordination.k8s.io "{key[1]}" not found')
+        if lease["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
+            return _status(409, "Conflict", f'Operation cannot be fulfilled on leases "{key[1]}"')
+        self._version += 1
+        lease["metadata"]["resourceVersion"] = str(self._version)
+        self._leases[key] = lease
+        return web.json_response(lease)
+
+    def lease_holder_sync(self, namespace: str, name: str) -> str | None:
+        async def holder() -> str | None:
+            lease = self._leases.get((namespace, name))
+            return None if lease is None else lease["spec"].get("holderIdentity")
+
+        return self.call(holder)
 
     # -- kubelet --------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 
 from orchestrator.app import create_app, make_backend
 from orchestrator.backends.base import Backend
+from orchestrator.backends.kubernetes import KubernetesBackend
 from orchestrator.errors import SandboxImageMissing, SandboxStartFailed, SessionNotFound
 from orchestrator.metrics import Metrics
 from orchestrator.models import Claim, SandboxInfo
@@ -320,3 +321,40 @@ def test_the_tci_api_runs_on_the_backend(platform: Platform) -> None:
         listed = api.get("/v1/tci/sessions", headers=headers).json()["data"]["sessions"]
         assert [s["id"] for s in listed] == [session_id]
         assert api.delete(f"/v1/tci/sessions/{session_id}", headers=headers).status_code < 300
+
+
+async def test_kubernetes_replicas_take_turns_through_a_lease(kube_cluster: Cluster, tmp_path: Path) -> None:
+    """Only the Lease holder's start() returns; a standby takes over once the holder stops renewing."""
+    platform = _kubernetes(kube_cluster, tmp_path)
+    election = {"leader_election": True, "lease_duration_seconds": 3, "renew_deadline_seconds": 2.5}
+    settings = platform.make_settings()
+    settings = settings.model_copy(
+        update={"kubernetes": settings.kubernetes.model_copy(update={**election, "retry_period_seconds": 1})}
+    )
+    lost: list[str] = []
+    leader = KubernetesBackend(settings, on_lost_leadership=lambda: lost.append("leader"))
+    standby = KubernetesBackend(settings, on_lost_leadership=lambda: lost.append("standby"))
+    await asyncio.wait_for(leader.start(), timeout=20)
+    holder = kube_cluster.lease_holder_sync(settings.kubernetes.namespace, settings.kubernetes.lease_name)
+    assert holder is not None
+    waiting = asyncio.create_task(standby.start())
+    try:
+
+        async def standby_tried() -> bool:
+            return (
+                "PUT",
+                f"/apis/coordination.k8s.io/v1/namespaces/{settings.kubernetes.namespace}/leases/"
+                f"{settings.kubernetes.lease_name}",
+            ) in kube_cluster.requests or waiting.done()
+
+        await _eventually(standby_tried, "the standby to contend for the lease")
+        assert not waiting.done()
+        await leader.close()  # stops renewing: the standby must take over within the lease's duration
+        await asyncio.wait_for(waiting, timeout=20)
+        new_holder = kube_cluster.lease_holder_sync(settings.kubernetes.namespace, settings.kubernetes.lease_name)
+        assert new_holder not in {None, holder}
+        await standby.list()  # the new leader works
+    finally:
+        waiting.cancel()
+        await standby.close()
+    assert lost == []

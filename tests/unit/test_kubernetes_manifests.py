@@ -87,6 +87,7 @@ def test_kubernetes_role_grants_only_what_the_backend_uses(rendered: list[dict[s
     assert grants == {
         (("",), ("pods",)): {"create", "get", "list", "watch", "patch", "delete"},
         (("",), ("pods/attach",)): {"get", "create"},
+        (("coordination.k8s.io",), ("leases",)): {"get", "create", "update"},
     }
     assert not [o for o in rendered if o["kind"] in {"ClusterRole", "ClusterRoleBinding"}]
 
@@ -125,6 +126,7 @@ def test_kubernetes_configmap_is_valid_orchestrator_settings(
     settings = Settings()
     assert settings.backend == "kubernetes"
     assert settings.kubernetes.namespace == "tci-sandboxes"
+    assert settings.kubernetes.leader_election
     assert settings.key_map() == {"sk-test": "team-a"}
 
 
