@@ -8,8 +8,10 @@ pod the backend builds is validated the same way, and against the namespace's Po
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,8 @@ def _load(path: Path) -> list[dict[str, Any]]:
 def render(directory: Path) -> list[dict[str, Any]]:
     """What ``kubectl kustomize directory`` prints, for the features these kustomizations use."""
     (kustomization,) = _load(directory / "kustomization.yaml")
-    known = {"apiVersion", "kind", "resources", "generatorOptions", "configMapGenerator", "images", "patches"}
+    known = {"apiVersion", "kind", "resources", "generatorOptions", "images", "patches"}
+    known |= {"configMapGenerator", "secretGenerator"}
     assert set(kustomization) <= known, f"kustomize features this renderer does not know: {set(kustomization) - known}"
     objects: list[dict[str, Any]] = []
     for entry in kustomization.get("resources", []):
@@ -44,6 +47,13 @@ def render(directory: Path) -> list[dict[str, Any]]:
         data = {Path(f).name: (directory / f).read_text() for f in generator["files"]}
         metadata = {"name": generator["name"], "namespace": generator["namespace"]}
         objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+    for generator in kustomization.get("secretGenerator", []):
+        assert generator.get("behavior") == "replace"
+        data = {Path(f).name: base64.b64encode((directory / f).read_bytes()).decode() for f in generator["files"]}
+        metadata = {"name": generator["name"], "namespace": generator["namespace"]}
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque", "data": data}
+        (replaced,) = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == generator["name"]]
+        objects[objects.index(replaced)] = secret
     for override in kustomization.get("images", []):
         for obj in objects:
             for container in obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
@@ -58,12 +68,22 @@ def render(directory: Path) -> list[dict[str, Any]]:
     return objects
 
 
-OVERLAYS = {"base": DEPLOY / "base", "production": DEPLOY / "overlays" / "production"}
+OVERLAYS = {"base": Path("base"), "production": Path("overlays") / "production"}
+KEYS = {"sk-test-key": "team-a"}
+
+
+@pytest.fixture
+def deploy(tmp_path: Path) -> Path:
+    """A copy of deploy/kubernetes with the operator's api-keys.json written, as before an apply."""
+    copy_of = tmp_path / "kubernetes"
+    shutil.copytree(DEPLOY, copy_of)
+    (copy_of / OVERLAYS["production"] / "api-keys.json").write_text(json.dumps(KEYS))
+    return copy_of
 
 
 @pytest.fixture(params=list(OVERLAYS))
-def rendered(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
-    return render(OVERLAYS[request.param])
+def rendered(request: pytest.FixtureRequest, deploy: Path) -> list[dict[str, Any]]:
+    return render(deploy / OVERLAYS[request.param])
 
 
 def _one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -119,26 +139,33 @@ def test_kubernetes_configmap_is_valid_orchestrator_settings(
     rendered: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = _one(rendered, "ConfigMap", "tci-orchestrator")["data"]
+    secret = _one(rendered, "Secret", "tci-api-keys")
     keys = tmp_path / "api-keys.json"
-    keys.write_text('{"sk-test": "team-a"}')
+    if "data" in secret:
+        keys.write_bytes(base64.b64decode(secret["data"]["api-keys.json"]))
+    else:
+        keys.write_text(secret["stringData"]["api-keys.json"])
     for name, value in {**config, "ORCH_API_KEYS_FILE": str(keys)}.items():
         monkeypatch.setenv(name, value)
     settings = Settings()
     assert settings.backend == "kubernetes"
     assert settings.kubernetes.namespace == "tci-sandboxes"
     assert settings.kubernetes.leader_election
-    assert settings.key_map() == {"sk-test": "team-a"}
+    assert settings.key_map() == (KEYS if settings.mode == "production" else {})
 
 
-def test_kubernetes_production_overlay_sets_mode_and_images() -> None:
-    objects = render(OVERLAYS["production"])
+def test_kubernetes_production_overlay_sets_mode_images_and_keys(deploy: Path) -> None:
+    objects = render(deploy / OVERLAYS["production"])
+    secret = _one(objects, "Secret", "tci-api-keys")
+    assert json.loads(base64.b64decode(secret["data"]["api-keys.json"])) == KEYS
+    assert not (DEPLOY / OVERLAYS["production"] / "api-keys.json").exists(), "keys must not be committed"
     config = _one(objects, "ConfigMap", "tci-orchestrator")["data"]
     assert config["ORCH_MODE"] == "production"
     assert config["ORCH_SANDBOX__IMAGE"].startswith("registry.example.com/")
     deployment = _one(objects, "Deployment", "tci-orchestrator")
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"].startswith("registry.example.com/")
     # The base stays as it was: the overlay patched copies.
-    assert _one(render(OVERLAYS["base"]), "ConfigMap", "tci-orchestrator")["data"]["ORCH_MODE"] == "dev"
+    assert _one(render(deploy / OVERLAYS["base"]), "ConfigMap", "tci-orchestrator")["data"]["ORCH_MODE"] == "dev"
 
 
 def _pod(**kube: Any) -> dict[str, Any]:
