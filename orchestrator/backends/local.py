@@ -68,6 +68,14 @@ async def spawn_runner(environment: dict[str, str], *, max_frame_bytes: int) -> 
     return process, root
 
 
+async def stop_runner(process: asyncio.subprocess.Process, root: Path) -> None:
+    """Kill a runner from ``spawn_runner``, wait for it, and remove its directory tree."""
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    await process.wait()
+    shutil.rmtree(root, ignore_errors=True)
+
+
 class LocalBackend:
     """``Backend`` whose sandboxes are ``python -m sandbox_runner`` child processes."""
 
@@ -135,9 +143,5 @@ class LocalBackend:
 
     async def destroy(self, sandbox_id: str) -> None:
         entry = self._sandboxes.pop(sandbox_id, None)
-        if entry is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            entry.process.kill()
-        await entry.process.wait()
-        shutil.rmtree(entry.root, ignore_errors=True)
+        if entry is not None:
+            await stop_runner(entry.process, entry.root)

@@ -20,7 +20,6 @@ import contextlib
 import copy
 import functools
 import json
-import shutil
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any, TypeVar
 import kubernetes_validate
 from aiohttp import WSMsgType, web
 
-from orchestrator.backends.local import spawn_runner
+from orchestrator.backends.local import spawn_runner, stop_runner
 
 T = TypeVar("T")
 TOKEN = "emulated-token"
@@ -466,9 +465,7 @@ class Cluster:
         process, root = await spawn_runner(environment, max_frame_bytes=_MAX_FRAME)
         container = _Container(process, root)
         if key not in self._pods:  # deleted while starting
-            process.kill()
-            await process.wait()
-            shutil.rmtree(root, ignore_errors=True)
+            await stop_runner(process, root)
             return
         self._containers[key] = container
         container.pump = asyncio.ensure_future(self._pump_stdout(key, container))
@@ -515,13 +512,10 @@ class Cluster:
         container = self._containers.pop(key, None)
         if container is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            container.process.kill()
-        await container.process.wait()
+        await stop_runner(container.process, container.root)
         if container.pump is not None:
             with contextlib.suppress(Exception):
                 await container.pump
-        shutil.rmtree(container.root, ignore_errors=True)
 
     async def _remove(self, namespace: str, name: str) -> None:
         """The kubelet kills the container; then the object goes from the store."""

@@ -9,6 +9,7 @@ platform stand for two control-plane replicas, or for one replica before and aft
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -240,37 +241,39 @@ async def test_a_missing_image_is_reported_and_leaves_nothing(platform: Platform
         await backend.close()
 
 
-async def test_sessions_are_reconciled_after_a_restart(platform: Platform) -> None:
-    settings = platform.make_settings(execute_timeout_seconds=20)
-    first = platform.backend()
-    await first.start()
-    manager = SessionManager(settings, first, Metrics())
-    await manager.start()
-    result = await manager.execute("team-a", None, "x = 41 + 1", None, timeout=20)
-    await manager.shutdown()
-    await first.close()
-
-    restarted = platform.backend()
-    await restarted.start()
-    again = SessionManager(settings, restarted, Metrics())
+@contextlib.asynccontextmanager
+async def _control_plane(
+    platform: Platform, *, keep: bool = False, **overrides: Any
+) -> AsyncIterator[tuple[Backend, SessionManager]]:
+    """A started backend and session manager, as the app's lifespan makes them; shut down after,
+    removing every sandbox unless ``keep`` (for the next control plane to adopt)."""
+    backend = platform.backend(**overrides)
+    await backend.start()
+    manager = SessionManager(platform.make_settings(**overrides), backend, Metrics())
     try:
-        await again.start()
+        await manager.start()
+        yield backend, manager
+    finally:
+        await manager.shutdown()
+        for sandbox in [] if keep else await backend.list():
+            await backend.destroy(sandbox.sandbox_id)
+        await backend.close()
+
+
+async def test_sessions_are_reconciled_after_a_restart(platform: Platform) -> None:
+    async with _control_plane(platform, keep=True) as (_, manager):
+        result = await manager.execute("team-a", None, "x = 41 + 1", None, timeout=20)
+    async with _control_plane(platform) as (_, again):
         views = again.sessions_of("team-a")
         assert [v.session_id for v in views] == [result.session_id]
         assert views[0].execute_count == 1
         answer = await again.execute("team-a", result.session_id, "print(x)", None, timeout=20)
         assert answer.outputs == [{"type": "stdout", "data": "42\n"}]
         assert again.sessions_of("team-b") == []
-    finally:
-        await again.close("team-a", result.session_id)
-        await again.shutdown()
-        await restarted.close()
 
 
-async def test_a_vanished_sandbox_ends_its_session(platform: Platform, backend: Backend) -> None:
-    manager = SessionManager(platform.make_settings(), backend, Metrics())
-    await manager.start()
-    try:
+async def test_a_vanished_sandbox_ends_its_session(platform: Platform) -> None:
+    async with _control_plane(platform) as (backend, manager):
         result = await manager.execute("team-a", None, "y = 1", None, timeout=20)
         (sandbox,) = await backend.list()
         platform.vanish(sandbox.sandbox_id)
@@ -279,17 +282,10 @@ async def test_a_vanished_sandbox_ends_its_session(platform: Platform, backend: 
         with pytest.raises(SessionNotFound):
             await manager.execute("team-a", result.session_id, "print(y)", None, timeout=20)
         assert await backend.list() == []
-    finally:
-        await manager.shutdown()
 
 
 async def test_warm_pool_hand_out_through_the_session_layer(platform: Platform) -> None:
-    settings = platform.make_settings(pool_size=1)
-    backend = platform.backend()
-    await backend.start()
-    manager = SessionManager(settings, backend, Metrics())
-    try:
-        await manager.start()
+    async with _control_plane(platform, pool_size=1) as (backend, manager):
 
         async def warm() -> bool:
             return manager.pool.ready_count == 1
@@ -300,13 +296,9 @@ async def test_warm_pool_hand_out_through_the_session_layer(platform: Platform) 
         result = await manager.execute("team-a", None, "print('from the pool')", None, timeout=20)
         assert result.outputs == [{"type": "stdout", "data": "from the pool\n"}]
         listed = {s.sandbox_id: s for s in await backend.list()}
-        assert listed[pooled.sandbox_id].claim is not None
-        assert listed[pooled.sandbox_id].claim.session_id == result.session_id  # type: ignore[union-attr]
-    finally:
-        await manager.shutdown()
-        for sandbox in await backend.list():
-            await backend.destroy(sandbox.sandbox_id)
-        await backend.close()
+        claim = listed[pooled.sandbox_id].claim
+        assert claim is not None
+        assert claim.session_id == result.session_id
 
 
 def test_the_tci_api_runs_on_the_backend(platform: Platform) -> None:
