@@ -202,6 +202,16 @@ class Cluster:
         """Someone else (an operator, node drain, eviction) deletes the pod."""
         self.call(lambda: self._remove(namespace, name))
 
+    def touch_sync(self, namespace: str, name: str) -> None:
+        """Someone else changes the pod (a label by an operator, a status by the kubelet)."""
+
+        async def touch() -> None:
+            pod = self._pods[(namespace, name)]
+            pod["metadata"].setdefault("annotations", {})["example.com/touched"] = "yes"
+            self._record("MODIFIED", pod)
+
+        self.call(touch)
+
     def kill_runner_sync(self, namespace: str, name: str) -> None:
         """The sandbox's main process dies (the pod stays, its container terminated)."""
 

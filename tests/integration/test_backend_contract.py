@@ -23,6 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from orchestrator.app import create_app, make_backend
+from orchestrator.backends import kubernetes_spec as spec
 from orchestrator.backends.base import Backend
 from orchestrator.backends.kubernetes import KubernetesBackend
 from orchestrator.errors import SandboxImageMissing, SandboxStartFailed, SessionNotFound
@@ -350,3 +351,48 @@ async def test_kubernetes_replicas_take_turns_through_a_lease(kube_cluster: Clus
         waiting.cancel()
         await standby.close()
     assert lost == []
+
+
+async def test_kubernetes_execute_costs_no_api_request_and_attach_speaks_v5(
+    kube_cluster: Cluster, tmp_path: Path
+) -> None:
+    platform = _kubernetes(kube_cluster, tmp_path)
+    async with _control_plane(platform) as (_, manager):
+        result = await manager.execute("team-a", None, "n = 1", None, timeout=20)
+        before = len(kube_cluster.requests)
+        for _ in range(3):
+            await manager.execute("team-a", result.session_id, "n += 1", None, timeout=20)
+        assert kube_cluster.requests[before:] == []
+    assert set(kube_cluster.attach_protocols) == {"v5.channel.k8s.io"}
+
+
+async def test_kubernetes_pod_as_admitted_carries_the_hardening(kube_cluster: Cluster, tmp_path: Path) -> None:
+    platform = _kubernetes(kube_cluster, tmp_path)
+    settings = platform.make_settings()
+    async with _control_plane(platform) as (backend, _):
+        sandbox = await backend.create(None)
+        (pod,) = [
+            p for p in kube_cluster.pods_sync(settings.kubernetes.namespace) if p["metadata"]["name"] == sandbox.name
+        ]
+    (container,) = pod["spec"]["containers"]
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert pod["metadata"]["labels"][spec.INSTANCE] == settings.instance
+
+
+async def test_kubernetes_claim_survives_a_stale_resource_version(kube_cluster: Cluster, tmp_path: Path) -> None:
+    """A warm pod changed by someone else since we looked is re-read and claimed, not lost."""
+    platform = _kubernetes(kube_cluster, tmp_path)
+    namespace = platform.make_settings().kubernetes.namespace
+    async with _control_plane(platform) as (backend, _):
+        warm = await backend.create(None)
+        await backend.list()
+        kube_cluster.touch_sync(namespace, warm.sandbox_id)
+        claim = _claim()
+        claimed = await backend.claim(warm, claim)
+        assert claimed.claim == claim
+        patches = [r for r in kube_cluster.requests if r[0] == "PATCH" and r[1].endswith(warm.sandbox_id)]
+        assert len(patches) == 2  # the stale one (409), then the one after re-reading
+        (listed,) = await backend.list()
+        assert listed.claim == claim
