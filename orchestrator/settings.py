@@ -77,8 +77,9 @@ class KubernetesSettings(BaseModel):
     """Namespace of the sandbox pods; the orchestrator's Role must grant pods and pods/attach there."""
     kubeconfig: Path | None = None
     """A kubeconfig file; None: the in-cluster service account, else the default kubeconfig."""
-    seccomp_profile: str | None = "tci-orchestrator/seccomp.json"
-    """``Localhost`` profile path under the kubelet's seccomp directory; None: ``RuntimeDefault``."""
+    seccomp_profile: str = Field("tci-orchestrator/seccomp.json", min_length=1)
+    """``Localhost`` profile path under the kubelet's seccomp directory, or ``RuntimeDefault`` for
+    the container runtime's own profile."""
     runtime_class: str | None = None
     """RuntimeClass of sandbox pods, e.g. "gvisor" or "kata-qemu"; None: the cluster default."""
     memory_request_bytes: int = Field(128 * MiB, ge=16 * MiB)

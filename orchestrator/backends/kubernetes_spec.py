@@ -35,6 +35,7 @@ TEST_RUN: Final = f"{GROUP}/test-run"
 CREATED: Final = f"{GROUP}/created"
 CLAIM: Final = f"{GROUP}/claim"
 
+RUNTIME_DEFAULT: Final = "RuntimeDefault"
 WARM: Final = "warm"
 CLAIMED: Final = "claimed"
 CONTAINER: Final = "sandbox"
@@ -119,9 +120,9 @@ def pod_manifest(
         labels.update(recorded["labels"])
         annotations.update(recorded["annotations"])
     seccomp: dict[str, Any] = (
-        {"type": "Localhost", "localhostProfile": kube.seccomp_profile}
-        if kube.seccomp_profile
-        else {"type": "RuntimeDefault"}
+        {"type": "RuntimeDefault"}
+        if kube.seccomp_profile == RUNTIME_DEFAULT
+        else {"type": "Localhost", "localhostProfile": kube.seccomp_profile}
     )
     limits = {
         "cpu": _quantity_cpu(sandbox.cpus),

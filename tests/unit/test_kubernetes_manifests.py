@@ -180,7 +180,7 @@ def _pod(**kube: Any) -> dict[str, Any]:
     )
 
 
-@pytest.mark.parametrize("kube", [{}, {"seccomp_profile": None, "runtime_class": "gvisor"}])
+@pytest.mark.parametrize("kube", [{}, {"seccomp_profile": "RuntimeDefault", "runtime_class": "gvisor"}])
 def test_kubernetes_sandbox_pod_validates_and_meets_restricted(kube: dict[str, Any]) -> None:
     pod = _pod(**kube)
     kubernetes_validate.validate(copy.deepcopy(pod), SCHEMA_VERSION, strict=True)

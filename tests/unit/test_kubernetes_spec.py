@@ -114,3 +114,14 @@ def test_kubernetes_backend_is_allowed_in_production_and_local_is_not() -> None:
     assert Settings(backend="kubernetes", mode="production", api_keys=keys).backend == "kubernetes"
     with pytest.raises(ValidationError, match="local backend"):
         Settings(backend="local", mode="production", api_keys=keys)
+
+
+def test_kubernetes_runtime_default_seccomp_and_runtime_class_are_options() -> None:
+    kube = KubernetesSettings(seccomp_profile="RuntimeDefault", runtime_class="gvisor")
+    pod = spec.pod_manifest(
+        SandboxSettings(), kube, name="tci-x", instance="prod", profile="p", created_at=0.0, claim=None
+    )
+    assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["spec"]["containers"][0]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["spec"]["runtimeClassName"] == "gvisor"
+    assert "runtimeClassName" not in _pod()["spec"]
