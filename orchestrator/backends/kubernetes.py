@@ -31,7 +31,7 @@ from kubernetes_asyncio.leaderelection.leaderelection import LeaderElection
 from kubernetes_asyncio.leaderelection.resourcelock.leaselock import LeaseLock
 from kubernetes_asyncio.stream import WsApiClient
 
-from ..errors import BackendUnavailable, RunnerFailure, SandboxImageMissing, SandboxStartFailed
+from ..errors import BackendUnavailable, RunnerFailure, SandboxImageMissing, SandboxStartFailed, SandboxTaken
 from ..models import Claim, SandboxInfo
 from ..runner_client import RunnerClient
 from ..settings import Settings
@@ -310,7 +310,7 @@ class KubernetesBackend:
             raise SandboxStartFailed(f"warm sandbox {name} is gone: {exc}") from exc
         metadata = pod["metadata"]
         if (metadata.get("labels") or {}).get(spec.STATE) != spec.WARM:
-            raise SandboxStartFailed(f"warm sandbox {name} was claimed by another control plane")
+            raise SandboxTaken(f"warm sandbox {name} was claimed by another control plane")
         if not spec.pod_state(pod).running:
             raise SandboxStartFailed(f"warm sandbox {name} is not running")
         return str(metadata["resourceVersion"])

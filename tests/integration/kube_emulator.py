@@ -152,6 +152,8 @@ class Cluster:
         self.url = f"http://127.0.0.1:{port}"
         ready.set()
         await self._stopped
+        # Deletions in flight finish first: a runner killed but not yet waited for would outlive the loop.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for key in list(self._containers):
             await self._stop_container(key)
         for response in list(self._watches):

@@ -26,7 +26,7 @@ from orchestrator.app import create_app, make_backend
 from orchestrator.backends import kubernetes_spec as spec
 from orchestrator.backends.base import Backend
 from orchestrator.backends.kubernetes import KubernetesBackend
-from orchestrator.errors import SandboxImageMissing, SandboxStartFailed, SessionNotFound
+from orchestrator.errors import SandboxImageMissing, SandboxStartFailed, SandboxTaken, SessionNotFound
 from orchestrator.metrics import Metrics
 from orchestrator.models import Claim, SandboxInfo
 from orchestrator.sessions import SessionManager
@@ -99,8 +99,8 @@ def _docker(request: pytest.FixtureRequest) -> Platform:
         # The fixture fixes instance and image; the test-run label stays, so cleanup still finds all.
         update = {"instance": overrides.pop("instance")} if "instance" in overrides else {}
         made = make_settings(**{k: v for k, v in overrides.items() if k != "sandbox"})
-        if image := overrides.get("sandbox", {}).get("image"):
-            update["sandbox"] = made.sandbox.model_copy(update={"image": image})
+        if sandbox := overrides.get("sandbox"):
+            update["sandbox"] = made.sandbox.model_copy(update=sandbox)
         return made.model_copy(update=update)
 
     return Platform(settings, vanish=vanish, kill=kill)
@@ -186,11 +186,12 @@ async def test_claim_race_between_two_control_planes_has_one_winner(platform: Pl
     finally:
         await other.close()
     winners = [r for r in results if isinstance(r, SandboxInfo)]
-    losers = [r for r in results if isinstance(r, SandboxStartFailed)]
+    losers = [r for r in results if isinstance(r, SandboxTaken)]
     assert len(winners) == 1, results
-    assert len(losers) == 1, results
+    assert len(losers) == 1, results  # "taken", not "broken": the loser must leave it running
     (listed,) = [s for s in await backend.list() if s.sandbox_id == warm.sandbox_id]
     assert listed.claim == winners[0].claim
+    assert listed.running
 
 
 async def test_claiming_a_vanished_warm_sandbox_fails_cleanly(platform: Platform, backend: Backend) -> None:
