@@ -86,6 +86,8 @@ class KubernetesBackend:
         self._ws: WsApiClient | None = None
         # Pod name -> the resourceVersion last seen, so a claim usually needs no GET first.
         self._versions: dict[str, str] = {}
+        # Attach streams' readers and closers; close() waits for them so no websocket outlives the client.
+        self._pumps: set[asyncio.Future[Any]] = set()
 
     async def start(self) -> None:
         configuration = client.Configuration()
@@ -139,6 +141,10 @@ class KubernetesBackend:
             raise BackendUnavailable(f"leader election ended before this replica led: {failure!r}")
 
     async def close(self) -> None:
+        while self._pumps:
+            for pump in list(self._pumps):
+                pump.cancel()
+            await asyncio.gather(*self._pumps, return_exceptions=True)
         if self._election is not None:
             self._election.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -258,6 +264,7 @@ class KubernetesBackend:
         limit = self._settings.max_frame_bytes + 1024
         stdout = asyncio.StreamReader(limit=limit)
         pump = asyncio.create_task(_demux(socket, stdout), name=f"attach-{sandbox.sandbox_id}")
+        self._track(pump, socket)
         runner = RunnerClient(
             stdout, _AttachSink(socket, pump), max_frame_bytes=self._settings.max_frame_bytes, name=sandbox.name
         )
@@ -268,6 +275,19 @@ class KubernetesBackend:
             await runner.close()
             raise
         return runner
+
+    def _track(self, pump: asyncio.Task[None], socket: aiohttp.ClientWebSocketResponse) -> None:
+        """Keep ``pump`` until it ends; a pump cancelled before it ran never closed its socket."""
+        self._pumps.add(pump)
+
+        def done(task: asyncio.Future[Any]) -> None:
+            self._pumps.discard(task)
+            if not socket.closed:
+                closer = asyncio.ensure_future(socket.close())
+                self._pumps.add(closer)
+                closer.add_done_callback(self._pumps.discard)
+
+        pump.add_done_callback(done)
 
     async def claim(self, sandbox: SandboxInfo, claim: Claim) -> SandboxInfo:
         name = sandbox.sandbox_id
