@@ -32,6 +32,10 @@ def make_backend(settings: Settings) -> Backend:
         from .backends.local import LocalBackend
 
         return LocalBackend(settings)
+    if settings.backend == "kubernetes":
+        from .backends.kubernetes import KubernetesBackend
+
+        return KubernetesBackend(settings)
     from .backends.docker import DockerBackend
 
     return DockerBackend(settings)

@@ -126,6 +126,12 @@ class SandboxStartFailed(SandboxFailure):
     code = "sandbox_start_failed"
 
 
+class SandboxTaken(SandboxStartFailed):
+    """Another control plane claimed this warm sandbox first: it serves their session, leave it be."""
+
+    code = "sandbox_taken"
+
+
 class RunnerFailure(SandboxFailure):
     """The runner inside a sandbox broke or went silent."""
 

@@ -17,7 +17,7 @@ import json
 import secrets
 import struct
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import structlog
 from pydantic import BaseModel, Field
@@ -95,6 +95,16 @@ class RunnerRefused(Exception):
         return RunnerFailure(f"runner refused the request: {self.message}")
 
 
+class StreamSink(Protocol):
+    """Where a client writes its frames: an ``asyncio.StreamWriter`` or a backend's own adapter."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def encode_frame(message: dict[str, Any]) -> bytes:
     """One length-prefixed JSON frame."""
     body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8", errors="replace")
@@ -112,7 +122,7 @@ class RunnerClient:
     def __init__(
         self,
         reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        writer: StreamSink,
         *,
         max_frame_bytes: int,
         name: str = "runner",

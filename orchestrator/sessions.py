@@ -19,7 +19,14 @@ import structlog
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .backends.base import Backend
-from .errors import CapacityExhausted, OrchestratorError, RunnerFailure, SandboxStartFailed, SessionNotFound
+from .errors import (
+    CapacityExhausted,
+    OrchestratorError,
+    RunnerFailure,
+    SandboxStartFailed,
+    SandboxTaken,
+    SessionNotFound,
+)
 from .metrics import Metrics
 from .models import (
     Claim,
@@ -366,6 +373,10 @@ class SessionManager:
             sandbox, client = warm
             try:
                 claimed = await self._backend.claim(sandbox, claim)
+            except SandboxTaken:
+                # Another control plane's session runs there now: removing it would end that session.
+                await client.close()
+                continue
             except OrchestratorError as exc:
                 log.warning("pool_claim_failed", error=str(exc))
                 await client.close()

@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+K8S_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
 
 
 class SandboxSettings(BaseModel):
@@ -107,6 +108,39 @@ class PackageCacheSettings(BaseModel):
     threads: int = Field(16, ge=1)
 
 
+class KubernetesSettings(BaseModel):
+    """Where and how the Kubernetes backend runs sandbox pods (``ORCH_BACKEND=kubernetes``)."""
+
+    namespace: str = "tci-sandboxes"
+    """Namespace of the sandbox pods; the orchestrator's Role must grant pods and pods/attach there."""
+    kubeconfig: Path | None = None
+    """A kubeconfig file; None: the in-cluster service account, else the default kubeconfig."""
+    seccomp_profile: str = Field("tci-orchestrator/seccomp.json", min_length=1)
+    """``Localhost`` profile path under the kubelet's seccomp directory, or ``RuntimeDefault`` for
+    the container runtime's own profile."""
+    runtime_class: str | None = None
+    """RuntimeClass of sandbox pods, e.g. "gvisor" or "kata-qemu"; None: the cluster default."""
+    memory_request_bytes: int = Field(128 * MiB, ge=16 * MiB)
+    """Memory a sandbox pod requests (what the scheduler packs by; an idle session uses ~78 MiB)."""
+    cpu_request: float = Field(0.05, gt=0)
+    """CPUs a sandbox pod requests; its limit is ``sandbox.cpus``."""
+    ephemeral_storage_bytes: int = Field(256 * MiB, ge=MiB)
+    """Ephemeral-storage limit of a sandbox pod (its logs and anything outside the memory volumes)."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    service_account: str = "tci-sandbox"
+    """Service account of sandbox pods; its token is never mounted."""
+    max_concurrent_calls: int = Field(64, ge=1)
+    """API-server connections in flight."""
+    leader_election: bool = False
+    """Replicas take turns through a coordination.k8s.io Lease: only its holder starts serving,
+    and one that loses it exits. Standbys take over within ``lease_duration_seconds``."""
+    lease_name: str = Field("tci-orchestrator", pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+    """The Lease (in ``namespace``); one per instance."""
+    lease_duration_seconds: int = Field(15, gt=1)
+    renew_deadline_seconds: float = Field(10, gt=1)
+    retry_period_seconds: float = Field(2, ge=1)
+
+
 class Settings(BaseSettings):
     """The orchestrator's settings; see the README for the table of variables."""
 
@@ -127,8 +161,9 @@ class Settings(BaseSettings):
     """API key -> tenant, e.g. ORCH_API_KEYS='{"sk-abc": "team-a"}'."""
     api_keys_file: Path | None = None
     """A JSON file with the same mapping (merged over ``api_keys``)."""
-    backend: Literal["docker", "local"] = "docker"
-    """local runs sandboxes as plain child processes WITHOUT isolation: tests and hacking only."""
+    backend: Literal["docker", "kubernetes", "local"] = "docker"
+    """kubernetes runs one pod per session; local runs sandboxes as plain child processes WITHOUT
+    isolation: tests and hacking only."""
     instance: str = "default"
     """Name of this deployment; containers of other instances on the same engine are left alone."""
 
@@ -185,6 +220,7 @@ class Settings(BaseSettings):
     sandbox: SandboxSettings = SandboxSettings()
     packages: PackageSettings = PackageSettings()
     package_cache: PackageCacheSettings = PackageCacheSettings()
+    kubernetes: KubernetesSettings = KubernetesSettings()
 
     @field_validator("run_code_tenant")
     @classmethod
@@ -201,10 +237,17 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _instance_is_a_label_value(self) -> Settings:
+        # Kubernetes label values are at most 63 characters and start and end alphanumeric.
+        if self.backend == "kubernetes" and not K8S_LABEL_VALUE.match(self.instance):
+            raise ValueError("with the kubernetes backend, instance must be a label value (<= 63, alphanumeric ends)")
+        return self
+
+    @model_validator(mode="after")
     def _production_needs_keys(self) -> Settings:
         if self.mode == "production" and not self.key_map():
             raise ValueError("production mode needs ORCH_API_KEYS or ORCH_API_KEYS_FILE")
-        if self.mode == "production" and self.backend != "docker":
+        if self.mode == "production" and self.backend == "local":
             raise ValueError("the local backend has no isolation and is refused in production mode")
         for tenant in self.key_map().values():
             if not TENANT_PATTERN.match(tenant):

@@ -1,4 +1,4 @@
-"""The backend protocol: where sandboxes run. Docker today; Kubernetes must slot in here.
+"""The backend protocol: where sandboxes run (Docker, Kubernetes; a local one for tests).
 
 A backend starts, finds, connects to and removes sandboxes. It knows nothing about sessions
 beyond the ``Claim`` it records on each sandbox; ``SessionManager`` owns session policy. Every
@@ -56,6 +56,9 @@ class Backend(Protocol):
 
     async def claim(self, sandbox: SandboxInfo, claim: Claim) -> SandboxInfo:
         """Record ``claim`` on an unclaimed sandbox (warm pool hand-out). Called by the pool.
+
+        Of concurrent claims on one sandbox, from this process or another control plane, at most
+        one succeeds (``tests/integration/test_backend_contract.py`` holds every backend to it).
 
         Raises:
             SandboxStartFailed: the sandbox is gone; the caller should fall back to a cold start.

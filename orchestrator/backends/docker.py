@@ -24,7 +24,7 @@ import docker.errors
 import requests
 import structlog
 
-from ..errors import BackendUnavailable, RunnerFailure, SandboxImageMissing, SandboxStartFailed
+from ..errors import BackendUnavailable, RunnerFailure, SandboxImageMissing, SandboxStartFailed, SandboxTaken
 from ..index_gate import IndexGate
 from ..models import Claim, SandboxInfo
 from ..runner_client import RunnerClient
@@ -224,9 +224,14 @@ class DockerBackend:
     async def claim(self, sandbox: SandboxInfo, claim: Claim) -> SandboxInfo:
         name = labels.claimed_name(self._settings.instance, claim)
         try:
-            container = await self._call(self.client.containers.get, sandbox.sandbox_id)
-            await self._call(container.rename, name)
+            # The engine has no compare-and-swap, but a name is unique: of two control planes
+            # renaming the same warm container to the same taken-name, only the first succeeds (the
+            # other finds no container by the old name, or is told the name is already its own).
+            await self._call(self.client.api.rename, sandbox.name, f"{sandbox.name}.taken")
+            await self._call(self.client.api.rename, sandbox.sandbox_id, name)
         except BackendUnavailable as exc:
+            if await self._renamed_elsewhere(sandbox):
+                raise SandboxTaken(f"warm sandbox was claimed by another control plane: {exc}") from exc
             raise SandboxStartFailed(f"warm sandbox could not be claimed: {exc}") from exc
         return SandboxInfo(
             sandbox_id=sandbox.sandbox_id,
@@ -236,6 +241,14 @@ class DockerBackend:
             profile=sandbox.profile,
             claim=claim,
         )
+
+    async def _renamed_elsewhere(self, sandbox: SandboxInfo) -> bool:
+        """Whether the container still exists under a name other than the one we saw (a lost claim)."""
+        try:
+            container = await self._call(self.client.containers.get, sandbox.sandbox_id)
+        except BackendUnavailable:
+            return False
+        return bool(container.name != sandbox.name)
 
     async def list(self) -> list[SandboxInfo]:
         # sparse: one list call, no per-container inspect that races with removals (404 mid-listing).

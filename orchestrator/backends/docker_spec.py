@@ -28,6 +28,8 @@ def runner_environment(sandbox: SandboxSettings) -> dict[str, str]:
         "TCI_RUNNER_WORKDIR": WORKDIR,
         "TCI_RUNNER_MAX_STREAM_BYTES": str(sandbox.max_stream_bytes),
         "TCI_RUNNER_MAX_OUTPUT_BYTES": str(sandbox.max_output_bytes),
+        # What a run_code request may add at the top of these is deleted after it (run lanes).
+        "TCI_RUNNER_SCRUB_DIRS": f"{HOME}:/tmp",
     }
 
 
@@ -114,7 +116,7 @@ def container_config(
         else {"Type": sandbox.log_driver, "Config": {"max-size": "1m", "max-file": "1"}},
         "restart_policy": {"Name": "no"},
         # Only in a container: the ``run`` op restores these after each run (never a host's /tmp).
-        "environment": {**runner_environment(sandbox), "TCI_RUNNER_SCRUB_DIRS": f"{HOME}:/tmp"},
+        "environment": runner_environment(sandbox),
         "working_dir": WORKDIR,
     }
     if channel_dir is not None:

@@ -32,6 +32,50 @@ class _Process:
     root: Path
 
 
+async def spawn_runner(environment: dict[str, str], *, max_frame_bytes: int) -> tuple[asyncio.subprocess.Process, Path]:
+    """Start ``python -m sandbox_runner`` with piped stdio in a fresh private directory tree.
+
+    Returns the process and its root directory (the caller removes it once the process is gone).
+
+    Raises:
+        SandboxStartFailed: the process could not be started.
+    """
+    root = Path(tempfile.mkdtemp(prefix="tci-local-"))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "TCI_"))},
+        **environment,
+        "TCI_RUNNER_WORKDIR": str(root / "workspace"),
+        "HOME": str(root / "home"),
+        "PYTHONUSERBASE": str(root / "home" / ".local"),
+        "IPYTHONDIR": str(root / "home" / ".ipython"),
+        "MPLCONFIGDIR": str(root / "home" / ".config" / "matplotlib"),
+        "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
+        # The kernel's connection and socket files go with the root when the runner is killed.
+        "TMPDIR": str(root / "tmp"),
+    }
+    (root / "tmp").mkdir()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-s", "-m", "sandbox_runner",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+            limit=max_frame_bytes + 1024,
+        )  # fmt: skip
+    except OSError as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        raise SandboxStartFailed(f"cannot start a local runner: {exc}") from exc
+    return process, root
+
+
+async def stop_runner(process: asyncio.subprocess.Process, root: Path) -> None:
+    """Kill a runner from ``spawn_runner``, wait for it, and remove its directory tree."""
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    await process.wait()
+    shutil.rmtree(root, ignore_errors=True)
+
+
 class LocalBackend:
     """``Backend`` whose sandboxes are ``python -m sandbox_runner`` child processes."""
 
@@ -54,31 +98,9 @@ class LocalBackend:
         return True
 
     async def create(self, claim: Claim | None) -> SandboxInfo:
-        root = Path(tempfile.mkdtemp(prefix="tci-local-"))
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "TCI_"))},
-            **runner_environment(self._settings.sandbox),
-            "TCI_RUNNER_WORKDIR": str(root / "workspace"),
-            "HOME": str(root / "home"),
-            "PYTHONUSERBASE": str(root / "home" / ".local"),
-            "IPYTHONDIR": str(root / "home" / ".ipython"),
-            "MPLCONFIGDIR": str(root / "home" / ".config" / "matplotlib"),
-            "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
-            # The kernel's connection and socket files go with the root when the runner is killed.
-            "TMPDIR": str(root / "tmp"),
-        }
-        (root / "tmp").mkdir()
-        try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-s", "-m", "sandbox_runner",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                env=env,
-                limit=self._settings.max_frame_bytes + 1024,
-            )  # fmt: skip
-        except OSError as exc:
-            shutil.rmtree(root, ignore_errors=True)
-            raise SandboxStartFailed(f"cannot start a local runner: {exc}") from exc
+        process, root = await spawn_runner(
+            runner_environment(self._settings.sandbox), max_frame_bytes=self._settings.max_frame_bytes
+        )
         instance = self._settings.instance
         name = labels.claimed_name(instance, claim) if claim else labels.pool_name(instance)
         info = SandboxInfo(f"local-{process.pid}", name, True, time.time(), self._profile, claim)
@@ -121,9 +143,5 @@ class LocalBackend:
 
     async def destroy(self, sandbox_id: str) -> None:
         entry = self._sandboxes.pop(sandbox_id, None)
-        if entry is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            entry.process.kill()
-        await entry.process.wait()
-        shutil.rmtree(entry.root, ignore_errors=True)
+        if entry is not None:
+            await stop_runner(entry.process, entry.root)
