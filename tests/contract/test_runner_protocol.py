@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket as socketlib
 import sys
 import tempfile
 import time
@@ -346,6 +347,28 @@ async def test_runner_dials_the_socket_and_dials_again_after_a_restart(tmp_path:
             second = RunnerClient(*await channels.accept("k", timeout=10), max_frame_bytes=MAX_FRAME)
             await second.connect(timeout=10)
             await second.close()
+
+            # The orchestrator is killed with a reply unread: the runner's read fails with a reset,
+            # not an end of stream. That ends the stream too; the runner must not die of it.
+            _, writer = await channels.accept("k", timeout=10)
+            writer.transport.pause_reading()  # the reply stays in the kernel's buffer, unread
+            writer.write(protocol.encode_frame({"id": "unread", "op": "stats", "args": {}}))
+            await writer.drain()
+            peek = socketlib.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    if peek.recv(1, socketlib.MSG_PEEK | socketlib.MSG_DONTWAIT):
+                        break
+                except BlockingIOError:
+                    pass
+                assert time.monotonic() < deadline, "the runner never answered"
+                await asyncio.sleep(0.01)
+            peek.close()
+            writer.transport.abort()
+            reset = RunnerClient(*await channels.accept("k", timeout=10), max_frame_bytes=MAX_FRAME)
+            assert (await reset.connect(timeout=10))["execute_count"] == 1
+            await reset.close()
 
             # The orchestrator restarts: its listeners go away and a new process listens again.
             await channels.close_all()

@@ -99,12 +99,7 @@ def _docker(request: pytest.FixtureRequest) -> Platform:
         # The fixture fixes instance and image; the test-run label stays, so cleanup still finds all.
         update: dict[str, Any] = {"instance": overrides.pop("instance")} if "instance" in overrides else {}
         made = make_settings(**{k: v for k, v in overrides.items() if k != "sandbox"})
-        # Seen on Docker 20.10: once this process has talked to a runner in a container with the
-        # "none" log driver, runners of later such containers (test_lifecycle's restart test) often
-        # die, exit 1, when their orchestrator is killed; with a log driver they do not. The
-        # contract is not about logging, so these containers keep a log.
-        sandbox = {"log_driver": "json-file", **overrides.get("sandbox", {})}
-        update["sandbox"] = made.sandbox.model_copy(update=sandbox)
+        update["sandbox"] = made.sandbox.model_copy(update=overrides.get("sandbox", {}))
         return made.model_copy(update=update)
 
     return Platform(settings, vanish=vanish, kill=kill)

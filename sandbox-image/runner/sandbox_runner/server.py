@@ -81,8 +81,10 @@ class Runner:
         while True:
             try:
                 message = await read_frame(reader)
-            except EOFError:
-                log.info("request stream closed")
+            except (EOFError, OSError) as exc:
+                # A killed orchestrator resets the stream (ECONNRESET) rather than ending it when
+                # it dies with a reply unread: that is an end of stream too, never the runner's.
+                log.info("request stream closed: %r", exc)
                 return
             except ProtocolError as exc:
                 # Without a frame boundary the rest of the stream is meaningless.
