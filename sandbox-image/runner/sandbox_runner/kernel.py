@@ -24,6 +24,7 @@ from jupyter_client.session import Session
 
 from . import procs
 from .config import MiB, RunnerConfig
+from .containment import Containment
 from .launch import LaunchedKernel, start_kernel
 from .outputs import OutputCollector
 
@@ -82,6 +83,7 @@ class KernelSupervisor:
         # The cgroup's OOM kill count when the kernel was last seen well; read between executes so
         # that no execute waits for it.
         self._oom_baseline = procs.oom_kill_count()
+        self._containment = Containment()
 
     def _derived_memory_limit(self) -> int | None:
         limit = procs.cgroup_memory_limit()
@@ -173,7 +175,11 @@ class KernelSupervisor:
     async def execute(self, code: str, timeout: float) -> ExecOutcome:
         """Run ``code``; every failure is described in the outcome, never raised."""
         began = time.monotonic()
+        self._containment.begin()
         outcome = await self._execute(code, timeout)
+        note = await self._containment.finish(self.pid)
+        if note:
+            outcome.outputs.append({"type": "stderr", "data": note})
         outcome.duration_ms = (time.monotonic() - began) * 1000
         return outcome
 
@@ -197,6 +203,8 @@ class KernelSupervisor:
             return self._outcome(collector, "error" if collector.error_summary else "ok", execution_count=count)
         if status == "timeout":
             return await self._on_timeout(msg_id, collector, timeout)
+        if status == "runaway":
+            return await self._on_runaway(collector)
         watchdog = status == "memory"
         if watchdog and self._kernel is not None:
             await _kill(self._kernel)
@@ -206,7 +214,7 @@ class KernelSupervisor:
         return self._outcome(collector, kind, state_lost=True)
 
     async def _collect(self, msg_id: str, collector: OutputCollector, deadline: float) -> str:
-        """Feed iopub messages of ``msg_id`` to ``collector``; return idle, timeout, dead or memory."""
+        """Feed iopub messages of ``msg_id`` to ``collector``; return idle, timeout, dead, memory or runaway."""
         assert self._link is not None
         inbox = self._link.iopub
         loop = asyncio.get_running_loop()
@@ -221,6 +229,8 @@ class KernelSupervisor:
                     return "dead"
                 if self._over_memory():
                     return "memory"
+                if self.pid is not None and self._containment.check(self.pid):
+                    return "runaway"
             msg = await inbox.get(min(deadline, next_check))
             if msg is None or msg["parent_header"].get("msg_id") != msg_id:
                 continue
@@ -260,6 +270,13 @@ class KernelSupervisor:
             f"TimeoutError: execution exceeded the {limit} s time limit and did not stop when interrupted. {note}"
         )
         return self._outcome(collector, "timeout", state_lost=True)
+
+    async def _on_runaway(self, collector: OutputCollector) -> ExecOutcome:
+        if self._kernel is not None:
+            await _kill(self._kernel)
+        note = await self._restart_note()
+        collector.add_error(f"KernelDied: the kernel was stopped: {self._containment.culprit}. {note}")
+        return self._outcome(collector, "kernel_died", state_lost=True)
 
     def _over_memory(self) -> bool:
         pid = self.pid

@@ -12,12 +12,18 @@ import contextlib
 import ctypes
 import os
 import signal
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 _PR_SET_DUMPABLE = 4
 _PR_SET_CHILD_SUBREAPER = 36
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _CGROUP = Path("/sys/fs/cgroup")
+# A bound on SIGSTOP sweeps; a bomb is caught in a few (each freezes every process it found).
+_FREEZE_ROUNDS = 100
+# How ``stop_leftovers`` names the forks of the process it holds.
+FORK_OF_HOLD = "forks of the kernel"
 
 
 def _prctl(option: int, value: int) -> bool:
@@ -38,8 +44,23 @@ def make_undumpable() -> bool:
     return _prctl(_PR_SET_DUMPABLE, 0)
 
 
-def _parent_map() -> dict[int, int]:
-    parents: dict[int, int] = {}
+@dataclass(frozen=True)
+class Proc:
+    """One line of the process table."""
+
+    ppid: int
+    state: str
+    name: str
+
+    @property
+    def live(self) -> bool:
+        """Not a zombie (a zombie holds a pid until its parent collects it, but runs nothing)."""
+        return self.state not in {"Z", "X", "x"}
+
+
+def process_table() -> dict[int, Proc]:
+    """Every process this pid namespace shows in /proc."""
+    table: dict[int, Proc] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -49,15 +70,15 @@ def _parent_map() -> dict[int, int]:
             continue
         # The command name may hold spaces and parentheses; fields resume after the last ')'.
         fields = stat[stat.rfind(")") + 2 :].split()
-        parents[int(entry.name)] = int(fields[1])
-    return parents
+        table[int(entry.name)] = Proc(int(fields[1]), fields[0], stat[stat.find("(") + 1 : stat.rfind(")")])
+    return table
 
 
-def descendants(root: int, parents: dict[int, int] | None = None) -> list[int]:
-    """All live descendants of ``root`` (from ``parents``, or a fresh scan of /proc)."""
+def descendants(root: int, table: dict[int, Proc] | None = None) -> list[int]:
+    """All descendants of ``root`` (from ``table``, or a fresh scan of /proc), zombies included."""
     children: dict[int, list[int]] = {}
-    for pid, ppid in (_parent_map() if parents is None else parents).items():
-        children.setdefault(ppid, []).append(pid)
+    for pid, proc in (process_table() if table is None else table).items():
+        children.setdefault(proc.ppid, []).append(pid)
     found: list[int] = []
     stack = list(children.get(root, []))
     while stack:
@@ -67,22 +88,89 @@ def descendants(root: int, parents: dict[int, int] | None = None) -> list[int]:
     return found
 
 
-def kill_leftovers(keep: set[int]) -> list[int]:
-    """SIGKILL every descendant of this process except the pids in ``keep``; reap the ones we adopted.
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signum)
 
-    The kernel's own children are leftovers too: only the kernel process itself is in ``keep``.
+
+def stop_leftovers(keep: set[int], hold: int | None = None) -> Counter[str]:
+    """Freeze, then SIGKILL, every descendant of this process except ``keep``; names of the live ones stopped.
+
+    Killing a fork bomb one pid at a time lets it refill every pid freed, so everything is frozen
+    first: SIGSTOP to each descendant not yet stopped, scan again, until a scan shows nothing new and
+    every one of them stopped; only then SIGKILL, which a stopped process cannot answer by forking.
+    ``hold`` (the kernel, which is kept) is frozen for the sweep too, so that it cannot start new
+    processes meanwhile, and resumed at the end; processes still running its very program (forks
+    that never called exec) are counted under ``FORK_OF_HOLD``. The dead become zombies of their
+    parents; the ones adopted by this process are collected by ``reap_adopted``.
     """
     me = os.getpid()
-    parents = _parent_map()  # one scan serves both the kill and the reap
-    victims = [pid for pid in descendants(me, parents) if pid not in keep]
-    for pid in victims:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    for pid, ppid in parents.items():
-        if ppid == me and pid not in keep:
+    stopped: dict[int, Proc] = {}
+    names: Counter[str] = Counter()
+    held = _cmdline(hold) if hold is not None else None
+    if hold is not None:
+        _signal(hold, signal.SIGSTOP)
+    try:
+        for _ in range(_FREEZE_ROUNDS):
+            table = process_table()
+            new = [pid for pid in descendants(me, table) if pid not in keep and pid not in stopped]
+            for pid in new:
+                _signal(pid, signal.SIGSTOP)
+                stopped[pid] = table[pid]
+            # SIGSTOP lands asynchronously: one still running when it was sent may fork once more.
+            settled = all(not proc.live or proc.state == "T" for pid, proc in table.items() if pid in stopped)
+            if not new and settled:
+                break
+        for pid, proc in stopped.items():
+            if proc.live:
+                names[FORK_OF_HOLD if held and _cmdline(pid) == held else proc.name] += 1
+            _signal(pid, signal.SIGKILL)
+    finally:
+        if hold is not None:
+            _signal(hold, signal.SIGCONT)
+    return names
+
+
+def _cmdline(pid: int) -> bytes | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes() or None
+    except OSError:
+        return None
+
+
+def reap_adopted(keep: set[int]) -> int:
+    """Collect our dead children except ``keep``; how many descendants besides ``keep`` are left."""
+    me = os.getpid()
+    table = process_table()
+    for pid, proc in table.items():
+        if proc.ppid == me and pid not in keep and not proc.live:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
-    return victims
+    return sum(1 for pid in descendants(me, table) if pid not in keep and table[pid].live)
+
+
+def kill_leftovers(keep: set[int]) -> Counter[str]:
+    """``stop_leftovers`` then one ``reap_adopted``: the kernel's own children are leftovers too."""
+    stopped = stop_leftovers(keep)
+    reap_adopted(keep)
+    return stopped
+
+
+def pids_in_use() -> tuple[int, int] | None:
+    """(tasks, limit) of the container's pids cgroup (v2 or v1); None without a limit."""
+    for base in (_CGROUP, _CGROUP / "pids"):
+        current, limit = _read_int(base / "pids.current"), _read_int(base / "pids.max")
+        if current is not None and limit is not None:
+            return current, limit
+    return None
+
+
+def thread_count(pid: int) -> int:
+    """Threads of ``pid`` (each holds a pid of the cgroup's limit); 0 if it is gone."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
 
 
 def _pss(pid: int) -> int:
@@ -101,7 +189,8 @@ def tree_memory_exceeds(root: int, limit: int) -> bool:
     Summed RSS counts pages that forked children share copy-on-write once per child, so it only
     serves as a cheap upper bound; above the limit, proportional set sizes decide.
     """
-    pids = (root, *descendants(root))
+    table = process_table()
+    pids = (root, *(pid for pid in descendants(root, table) if table[pid].live))
     rss = 0
     for pid in pids:
         try:
