@@ -69,7 +69,7 @@ async def test_shell_escape_returns_when_the_shell_exits(runner):
     assert result.outcome == "ok", result.outputs
     assert "started\n" in result.text("stdout")
     assert "late from the background" in result.text("stdout")
-    assert "[stopped 9 processes still running when the execute ended (8 yes, sleep)]" in result.text("stderr")
+    assert "[stopped 9 processes still running when the execute ended: 8 yes, sleep]" in result.text("stderr")
     state = await runner.execute("print(kept)")
     assert state.outputs == [{"type": "stdout", "data": "yes\n"}]
 

@@ -13,12 +13,18 @@ whatever is still running besides the kernel is stopped the same way.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 from collections import Counter
 from typing import Final
 
 from . import procs
 
+log = logging.getLogger("sandbox_runner")
+
+# File descriptors the kernel needs free for itself (pipes of a shell escape, its own messages).
+_FD_RESERVE: Final = 64
 # How long the end-of-execute sweep waits for killed processes to be collected.
 _REAP_SECONDS: Final = 1.0
 
@@ -35,6 +41,11 @@ def describe(names: Counter[str]) -> str:
     )
 
 
+def _count(names: Counter[str]) -> str:
+    total = names.total()
+    return f"{total} {'process' if total == 1 else 'processes'}"
+
+
 class Containment:
     """The runaway policy of one execute at a time."""
 
@@ -48,8 +59,15 @@ class Containment:
         self.stopped = Counter()
         self.limit = self.culprit = None
 
-    def check(self, kernel_pid: int) -> bool:
-        """Stop a runaway if the pids limit is nearly reached; True when the kernel itself must go."""
+    def check(self, kernel_pid: int, *, final: bool = False) -> bool:
+        """Stop a runaway if the pids limit is nearly reached; True when the kernel itself must go.
+
+        ``final``: the code has finished, so file descriptors the kernel still holds are its state,
+        and a kernel with none to spare could not even start a shell escape: it must go too.
+        """
+        if final and (fds := procs.open_files(kernel_pid)) >= (limit := procs.open_files_limit()) - _FD_RESERVE:
+            self.culprit = f"it held {fds} open files, and the limit is {limit}"
+            return True
         if self.stopped:
             procs.reap_adopted({kernel_pid})  # what the last stop killed, so its pids come back
         usage = procs.pids_in_use()
@@ -63,12 +81,23 @@ class Containment:
         if threads >= limit // 2:
             self.culprit = f"it started {threads} threads and filled the limit of {limit} processes and threads"
             return True
+        began = time.monotonic()
         stopped = procs.stop_leftovers({kernel_pid}, hold=kernel_pid)
         procs.reap_adopted({kernel_pid})
+        if stopped:
+            log.warning(
+                "pids at %d of %d: stopped %d processes in %.3f s",
+                used,
+                limit,
+                stopped.total(),
+                time.monotonic() - began,
+            )
         if not stopped:
             return False  # only zombies of the kernel: it collects them before the next execute
         self.stopped += stopped
-        if stopped[procs.FORK_OF_HOLD] * 2 >= stopped.total():
+        forks = self.stopped[procs.FORK_OF_HOLD]
+        # A few forks caught between fork and exit (a zombie pile of the kernel's) are not a bomb.
+        if forks >= limit // 4 and forks * 2 >= self.stopped.total():
             self.culprit = f"it forked itself over and over until the limit of {limit} processes was reached"
             return True
         return False
@@ -88,12 +117,8 @@ class Containment:
             left = Counter()
         notes = []
         if self.stopped:
-            total = sum(self.stopped.values())
-            notes.append(
-                f"[the pids limit ({self.limit}) was reached: stopped {total} processes ({describe(self.stopped)})]"
-            )
+            limit = f"the pids limit ({self.limit}) was reached"
+            notes.append(f"[stopped {_count(self.stopped)} when {limit}: {describe(self.stopped)}]")
         if left:
-            total = sum(left.values())
-            plural = "process" if total == 1 else "processes"
-            notes.append(f"[stopped {total} {plural} still running when the execute ended ({describe(left)})]")
+            notes.append(f"[stopped {_count(left)} still running when the execute ended: {describe(left)}]")
         return "\n".join(notes) + "\n" if notes else None

@@ -177,6 +177,9 @@ class KernelSupervisor:
         began = time.monotonic()
         self._containment.begin()
         outcome = await self._execute(code, timeout)
+        if not outcome.state_lost and self.pid is not None and self._containment.check(self.pid, final=True):
+            # What the code left in the kernel itself (threads, open files) would starve the next execute.
+            outcome = await self._on_runaway(OutputCollector(self._config.limits), outcome)
         note = await self._containment.finish(self.pid)
         if note:
             outcome.outputs.append({"type": "stderr", "data": note})
@@ -227,10 +230,11 @@ class KernelSupervisor:
                 next_check = now + _POLL
                 if not self.alive():
                     return "dead"
-                if self._over_memory():
-                    return "memory"
+                # Before the memory check, which reads every process's page tables: slow under a bomb.
                 if self.pid is not None and self._containment.check(self.pid):
                     return "runaway"
+                if self._over_memory():
+                    return "memory"
             msg = await inbox.get(min(deadline, next_check))
             if msg is None or msg["parent_header"].get("msg_id") != msg_id:
                 continue
@@ -271,12 +275,18 @@ class KernelSupervisor:
         )
         return self._outcome(collector, "timeout", state_lost=True)
 
-    async def _on_runaway(self, collector: OutputCollector) -> ExecOutcome:
+    async def _on_runaway(self, collector: OutputCollector, done: ExecOutcome | None = None) -> ExecOutcome:
+        """Restart a kernel that is itself the runaway; ``done``: the outcome of code that had finished."""
         if self._kernel is not None:
             await _kill(self._kernel)
         note = await self._restart_note()
         collector.add_error(f"KernelDied: the kernel was stopped: {self._containment.culprit}. {note}")
-        return self._outcome(collector, "kernel_died", state_lost=True)
+        outcome = self._outcome(collector, "kernel_died", state_lost=True)
+        if done is not None:
+            outcome.outputs[:0] = done.outputs
+            outcome.execution_count = done.execution_count
+            outcome.dropped = done.dropped
+        return outcome
 
     def _over_memory(self) -> bool:
         pid = self.pid

@@ -259,7 +259,11 @@ def _reap_children(*_: Any) -> None:
         return  # no children at all
     owned = {handle.pid for handle in list(_handles) if getattr(handle, "returncode", None) is None}
     me = os.getpid()
-    for entry in os.scandir("/proc"):
+    try:
+        entries = list(os.scandir("/proc"))
+    except OSError:
+        return  # no file descriptor to spare: the runner restarts such a kernel
+    for entry in entries:
         if not entry.name.isdigit() or int(entry.name) in owned:
             continue
         try:
@@ -286,6 +290,9 @@ def load_ipython_extension(ip: Any) -> None:
         stream = getattr(sys, name)
         stream.write = caps.wrap(name, stream.write)
         caps.streams.append(stream)
+    # ipykernel opens a socket per thread on its first output; the main thread's opens now, so that
+    # code which uses up every file descriptor can still print.
+    sys.stdout.flush()
     # Instance attributes: the class binds `system` to its own `system_piped`.
     ip.system = ip.system_piped = types.MethodType(_system_piped, ip)
     import multiprocessing.popen_fork

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import resource
 import signal
 from collections import Counter
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class Proc:
     """One line of the process table."""
 
     ppid: int
+    pgrp: int
     state: str
     name: str
 
@@ -70,7 +72,8 @@ def process_table() -> dict[int, Proc]:
             continue
         # The command name may hold spaces and parentheses; fields resume after the last ')'.
         fields = stat[stat.rfind(")") + 2 :].split()
-        table[int(entry.name)] = Proc(int(fields[1]), fields[0], stat[stat.find("(") + 1 : stat.rfind(")")])
+        name = stat[stat.find("(") + 1 : stat.rfind(")")]
+        table[int(entry.name)] = Proc(int(fields[1]), int(fields[2]), fields[0], name)
     return table
 
 
@@ -103,24 +106,34 @@ def stop_leftovers(keep: set[int], hold: int | None = None) -> Counter[str]:
     processes meanwhile, and resumed at the end; processes still running its very program (forks
     that never called exec) are counted under ``FORK_OF_HOLD``. The dead become zombies of their
     parents; the ones adopted by this process are collected by ``reap_adopted``.
+
+    A command line is only read from a stopped process: reading one takes the lock of its memory
+    map, which a process busy forking holds most of the time (seconds of waiting under a bomb).
     """
     me = os.getpid()
     stopped: dict[int, Proc] = {}
     names: Counter[str] = Counter()
-    held = _cmdline(hold) if hold is not None else None
+    settled = False
+    # A whole process group stops in one call, members forked meanwhile included; the kernel's
+    # group holds everything it starts but shell escapes (a group each).
+    groups = {os.getpgrp(), *keep} - {hold}
     if hold is not None:
         _signal(hold, signal.SIGSTOP)
+        _stop_group(hold, groups)
     try:
         for _ in range(_FREEZE_ROUNDS):
             table = process_table()
             new = [pid for pid in descendants(me, table) if pid not in keep and pid not in stopped]
             for pid in new:
+                _stop_group(table[pid].pgrp, groups)
                 _signal(pid, signal.SIGSTOP)
                 stopped[pid] = table[pid]
             # SIGSTOP lands asynchronously: one still running when it was sent may fork once more.
-            settled = all(not proc.live or proc.state == "T" for pid, proc in table.items() if pid in stopped)
+            frozen = {*stopped, *([hold] if hold is not None else [])}
+            settled = all(not proc.live or proc.state == "T" for pid, proc in table.items() if pid in frozen)
             if not new and settled:
                 break
+        held = _cmdline(hold) if hold is not None and settled else None
         for pid, proc in stopped.items():
             if proc.live:
                 names[FORK_OF_HOLD if held and _cmdline(pid) == held else proc.name] += 1
@@ -129,6 +142,13 @@ def stop_leftovers(keep: set[int], hold: int | None = None) -> Counter[str]:
         if hold is not None:
             _signal(hold, signal.SIGCONT)
     return names
+
+
+def _stop_group(pgrp: int, done: set[int]) -> None:
+    if pgrp not in done and pgrp > 1:
+        done.add(pgrp)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgrp, signal.SIGSTOP)
 
 
 def _cmdline(pid: int) -> bytes | None:
@@ -165,6 +185,19 @@ def pids_in_use() -> tuple[int, int] | None:
     return None
 
 
+def open_files(pid: int) -> int:
+    """File descriptors ``pid`` holds open; 0 if it is gone."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def open_files_limit() -> int:
+    """The soft RLIMIT_NOFILE every process here starts with (the container's ``nofile``)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def thread_count(pid: int) -> int:
     """Threads of ``pid`` (each holds a pid of the cgroup's limit); 0 if it is gone."""
     try:
@@ -187,8 +220,13 @@ def tree_memory_exceeds(root: int, limit: int) -> bool:
     """Whether ``root`` and its descendants use more than ``limit`` bytes of memory.
 
     Summed RSS counts pages that forked children share copy-on-write once per child, so it only
-    serves as a cheap upper bound; above the limit, proportional set sizes decide.
+    serves as a cheap upper bound; above the limit, proportional set sizes decide, unless the
+    container's whole memory charge is below the limit too (reading them takes each process's
+    memory-map lock, which a fork bomb's processes hold most of the time).
     """
+    usage = cgroup_memory_usage() if cgroup_memory_limit() is not None else None
+    if usage is not None and usage <= limit:
+        return False
     table = process_table()
     pids = (root, *(pid for pid in descendants(root, table) if table[pid].live))
     rss = 0
