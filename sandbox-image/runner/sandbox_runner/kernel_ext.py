@@ -23,6 +23,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
@@ -290,6 +291,11 @@ def load_ipython_extension(ip: Any) -> None:
         stream = getattr(sys, name)
         stream.write = caps.wrap(name, stream.write)
         caps.streams.append(stream)
+    # ipykernel names every cell after a file in the temporary directory, and finding that directory
+    # writes a probe file there: a kernel restarted while /tmp is full could run no cell at all.
+    with contextlib.suppress(FileNotFoundError):
+        tempfile.gettempdir()
+    tempfile.tempdir = tempfile.tempdir or "/tmp"
     # ipykernel opens a socket per thread on its first output; the main thread's opens now, so that
     # code which uses up every file descriptor can still print.
     sys.stdout.flush()
