@@ -107,5 +107,5 @@ logs: ## Follow the service's logs
 	$(COMPOSE) logs -f orchestrator
 
 .PHONY: bench
-bench: venv image ## Benchmark against the floors and llm-sandbox (BENCH_ARGS=--quick: smoke run)
-	$(VENV)/bin/python -m bench $(BENCH_ARGS)
+bench: venv image ## Benchmark against the floors and llm-sandbox (BENCH_ARGS=--quick: smoke run; --soak 30: the soak)
+	$(VENV)/bin/python -m bench --image $(IMAGE) $(BENCH_ARGS)

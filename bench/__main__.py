@@ -22,8 +22,9 @@ from typing import Any
 
 from orchestrator.backends import labels
 from orchestrator.logging import configure_logging
+from orchestrator.settings import SandboxSettings
 
-from . import engine, interrupt, phases
+from . import engine, interrupt, neighbours, phases
 from .context import Context
 from .plan import FULL, QUICK
 from .progress import elapsed, say
@@ -36,6 +37,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run of every phase")
     parser.add_argument("--out", type=Path, default=WORK_DIR / "results.json", help="where to write the JSON")
+    parser.add_argument("--image", default=SandboxSettings().image, help="the sandbox image (make bench passes IMAGE)")
+    parser.add_argument(
+        "--soak", type=float, metavar="MINUTES", help="only the soak: mixed work for MINUTES (not for CI; try 30)"
+    )
     return parser.parse_args(argv)
 
 
@@ -52,7 +57,7 @@ def _sweep_stale(ctx: Context) -> None:
         say(f"removed {len(stale)} containers left by earlier benchmark runs")
 
 
-async def _run_phases(ctx: Context, errors: dict[str, str]) -> None:
+async def _run_phases(ctx: Context, errors: dict[str, str], soak: float | None) -> None:
     async def in_thread(fn: Callable[[Context], None]) -> None:
         await asyncio.to_thread(fn, ctx)
 
@@ -61,7 +66,11 @@ async def _run_phases(ctx: Context, errors: dict[str, str]) -> None:
         ("scale", lambda: phases.scale(ctx)),
         ("peers", lambda: in_thread(phases.peers)),
         ("burst", lambda: phases.burst(ctx)),
+        ("neighbours", lambda: neighbours.neighbours(ctx)),
+        ("storm", lambda: neighbours.storm(ctx)),
     ]
+    if soak is not None:
+        steps = [("soak", lambda: neighbours.soak(ctx, soak))]
     for name, step in steps:
         say(f"== phase {name}")
         began = time.monotonic()
@@ -87,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         del os.environ[key]
     WORK_DIR.mkdir(exist_ok=True)
     run_id = "bench" + secrets.token_hex(4)
-    ctx = Context(run_id=run_id, plan=plan, work_dir=WORK_DIR.resolve(), docker=engine.connect())
+    ctx = Context(run_id=run_id, plan=plan, work_dir=WORK_DIR.resolve(), docker=engine.connect(), image=args.image)
     image = ctx.settings("meta").sandbox.image
     results: dict[str, Any] = {
         "meta": {
-            "mode": "quick" if args.quick else "full",
+            "mode": "soak" if args.soak is not None else "quick" if args.quick else "full",
             "run_id": run_id,
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "host": engine.host_facts(ctx.docker, image),
@@ -109,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     try:
         _sweep_stale(ctx)
-        asyncio.run(_run_phases(ctx, results["errors"]))
+        asyncio.run(_run_phases(ctx, results["errors"], args.soak))
     except KeyboardInterrupt:
         interrupted = True
         results["errors"]["interrupted"] = "stopped by a signal; figures are partial"

@@ -13,7 +13,7 @@ from typing import Any
 import docker
 
 from orchestrator.backends import labels
-from orchestrator.settings import Settings
+from orchestrator.settings import SandboxSettings, Settings
 
 from . import engine
 from .plan import Plan
@@ -39,10 +39,16 @@ class Context:
     cleanup: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     # Runner sockets of the whole run, removed with it (containers removed by label leave theirs).
     socket_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tci-bench-")))
+    image: str = SandboxSettings().image
 
     def settings(self, name: str) -> Settings:
         """Settings for containers the benchmark starts itself (defaults, own instance, run label)."""
-        return Settings(instance=f"{self.run_id}-{name}", test_run_label=self.run_id, socket_dir=self.socket_dir)
+        return Settings(
+            instance=f"{self.run_id}-{name}",
+            test_run_label=self.run_id,
+            socket_dir=self.socket_dir,
+            sandbox=SandboxSettings(image=self.image),
+        )
 
     def start_server(self, name: str, env: dict[str, str]) -> Server:
         server = Server(
@@ -50,7 +56,7 @@ class Context:
             run_id=self.run_id,
             log_dir=self.work_dir / "logs" / self.run_id,
             socket_dir=self.socket_dir,
-            env=env,
+            env={"ORCH_SANDBOX__IMAGE": self.image, **env},
         )
         self.servers.append(server)
         server.start()

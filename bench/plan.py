@@ -24,6 +24,8 @@ class Plan:
     throughput_seconds: float
     memory_levels: tuple[int, ...]
     burst_requests: int
+    neighbour_samples: int
+    storm_requests: int
 
     @property
     def latency_samples(self) -> int:
@@ -49,6 +51,8 @@ FULL = Plan(
     throughput_seconds=10.0,
     memory_levels=(10, 100),
     burst_requests=100,
+    neighbour_samples=200,
+    storm_requests=500,
 )
 
 QUICK = Plan(
@@ -67,4 +71,6 @@ QUICK = Plan(
     throughput_seconds=3.0,
     memory_levels=(10,),
     burst_requests=30,
+    neighbour_samples=40,
+    storm_requests=100,
 )
