@@ -127,7 +127,7 @@ for d in ('/tmp', '/workspace', '/home/sandbox'):
 try:
     open('/run/tci-runner/forged', 'w')
 except OSError as e:
-    print('socket dir', errno.errorcode[e.errno])
+    print('socket_dir', errno.errorcode[e.errno])
 """
 
 
@@ -148,4 +148,4 @@ def test_limits_hold_inside_a_running_sandbox(make_settings):
     assert seen["/tmp"] == str(16 * mib)
     assert seen["/workspace"] == str(32 * mib)
     assert seen["/home/sandbox"] == str(256 * mib)
-    assert seen["socket dir"] in {"EROFS", "EACCES"}, seen
+    assert seen["socket_dir"] in {"EROFS", "EACCES"}, seen
