@@ -9,6 +9,7 @@ pulled without a registry, so it stays off and everything is removed by this run
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -16,6 +17,7 @@ import shutil
 import socket
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -352,3 +354,45 @@ def test_engine_unreachable_answers_503_before_code_and_recovers_without_restart
     finally:
         deployed.stop()
         proxy.close()
+
+
+def test_storm_of_new_sessions_over_many_tenants(docker_client, chaos):
+    """Every request answered: 200, or 429 with Retry-After (nothing ran); no 5xx; nothing left after."""
+    run_id, root = chaos
+    deployed = Deployed(run_id, root, {"ORCH_MAX_SESSIONS": "6", "ORCH_MAX_SESSIONS_PER_TENANT": "2"})
+    try:
+
+        async def storm() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=deployed.url, timeout=120) as client:
+                return await asyncio.gather(
+                    *(
+                        client.post(
+                            "/v1/tci/execute",
+                            json={"code": "print(1)", "language": "python"},
+                            headers={"Authorization": f"Bearer sk-tenant-{index % 20}"},
+                        )
+                        for index in range(100)
+                    )
+                )
+
+        try:
+            responses = asyncio.run(storm())
+        except httpx.HTTPError as exc:
+            raise AssertionError(f"a request got no answer:\n{deployed.logs()}") from exc
+        statuses = Counter(response.status_code for response in responses)
+        odd = [r.text for r in responses if r.status_code not in {200, 429}]
+        assert not odd, f"{odd[:2]}\n{deployed.logs()}"
+        assert 0 < statuses[200] <= 6, statuses
+        assert all("retry-after" in r.headers for r in responses if r.status_code == 429)
+        for response in responses:
+            if response.status_code == 200:
+                data = response.json()["data"]
+                assert data["outputs"] == [{"type": "stdout", "data": "1\n"}]
+                key = response.request.headers["authorization"]
+                gone = httpx.delete(
+                    f"{deployed.url}/v1/tci/sessions/{data['session_id']}", headers={"Authorization": key}, timeout=30
+                )
+                assert gone.status_code == 204, gone.text
+        wait_for(lambda: not our_containers(docker_client, run_id), 30, "no session container left")
+    finally:
+        deployed.stop()
