@@ -38,6 +38,8 @@ RUNAWAYS = (
     "except RuntimeError:\n    pass",
 )
 STORM_TENANTS = 20
+# Soak clients, each holding at most one session at a time: more containers than this is a leak.
+SOAK_WORKERS = 6
 
 
 class Neighbour(threading.Thread):
@@ -201,8 +203,8 @@ async def soak(ctx: Context, minutes: float) -> None:
             )
             await asyncio.sleep(30)
 
-    async with load.async_client(server, 8) as client:
-        await asyncio.gather(sampler(), *(worker(index, client) for index in range(6)))
+    async with load.async_client(server, SOAK_WORKERS + 2) as client:
+        await asyncio.gather(sampler(), *(worker(index, client) for index in range(SOAK_WORKERS)))
     growth = samples.growth()
     say(f"soak: growth {', '.join(f'{k} {v:+.1%}' for k, v in growth.items())}")
     server.stop()
@@ -212,6 +214,8 @@ async def soak(ctx: Context, minutes: float) -> None:
         "minutes": minutes,
         "requests": dict(counts),
         "growth": growth,
+        "workers": SOAK_WORKERS,
+        "max_containers": max(samples.containers, default=0),
         "samples": {name: getattr(samples, name) for name in ("seconds", "rss", "fds", "threads", "containers")},
         "leftover_session_containers": leftovers,
     }
