@@ -257,6 +257,13 @@ def test_sigkill_during_pool_claim_and_refill(docker_client, chaos):
 
 def test_sandbox_killed_or_removed_behind_our_back(docker_client, chaos):
     run_id, root = chaos
+    # Another deployment's container on the same engine: older than the grace, and never ours to remove.
+    neighbour = docker_client.containers.create(
+        IMAGE,
+        name=f"tci.{run_id}x.pool.neighbour",
+        labels=labels.make_labels(f"{run_id}x", "other", 0, run_id),
+        network_mode="none",
+    )
     deployed = Deployed(run_id, root, {})
     try:
         killed = deployed.run("x = 1")["session_id"]
@@ -273,6 +280,7 @@ def test_sandbox_killed_or_removed_behind_our_back(docker_client, chaos):
                 assert response.json()["error"]["code"] == "session_not_found"
         wait_for(lambda: not ({killed, removed} & deployed.listed()), 30, "the lost sessions to leave the listing")
         assert deployed.run("print('fresh')")["outputs"] == [{"type": "stdout", "data": "fresh\n"}]
+        neighbour.reload()  # raises NotFound if a reaper pass took it
     finally:
         deployed.stop()
 
@@ -351,6 +359,8 @@ def test_engine_unreachable_answers_503_before_code_and_recovers_without_restart
         back = wait_for(lambda: (r := deployed.post("print('back')")).status_code != 503 and r, 30, "a new session")
         assert back.status_code == 200, back.text
         assert back.json()["data"]["outputs"] == [{"type": "stdout", "data": "back\n"}]
+        # Reaper passes that could not list the engine removed nothing.
+        assert deployed.run("print(x)", sid)["outputs"] == [{"type": "stdout", "data": "7\n"}]
     finally:
         deployed.stop()
         proxy.close()

@@ -153,6 +153,9 @@ def _piped_system(cmd: str) -> int:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        # Lowered before exec (one system call, so safe beside the kernel's threads): a quick command
+        # would otherwise have run, or forked, before the Popen hook lowers it.
+        preexec_fn=_lower_priority,
     )
     assert proc.stdout is not None
     assert proc.stderr is not None
