@@ -171,8 +171,9 @@ def _piped_system(cmd: str) -> int:
             if not selector.get_map() or not _forward(selector, 0):
                 break
         if selector.get_map():
-            threading.Thread(target=_forward_until_closed, args=(selector,), daemon=True).start()
-            handed_off = True
+            with contextlib.suppress(RuntimeError):  # no thread to spare (a bomb): their output is dropped
+                threading.Thread(target=_forward_until_closed, args=(selector,), daemon=True).start()
+                handed_off = True
         return proc.wait()
     except KeyboardInterrupt:
         os.killpg(proc.pid, signal.SIGINT)
