@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import resource
 import signal
@@ -176,13 +177,19 @@ def kill_leftovers(keep: set[int]) -> Counter[str]:
     return stopped
 
 
+@functools.cache
+def _pids_dir() -> Path | None:
+    """Where the pids controller's files are (cgroup v2 or v1); looked up once, it is read every poll."""
+    return next((base for base in (_CGROUP, _CGROUP / "pids") if (base / "pids.current").exists()), None)
+
+
 def pids_in_use() -> tuple[int, int] | None:
-    """(tasks, limit) of the container's pids cgroup (v2 or v1); None without a limit."""
-    for base in (_CGROUP, _CGROUP / "pids"):
-        current, limit = _read_int(base / "pids.current"), _read_int(base / "pids.max")
-        if current is not None and limit is not None:
-            return current, limit
-    return None
+    """(tasks, limit) of the container's pids cgroup; None without a limit."""
+    base = _pids_dir()
+    if base is None:
+        return None
+    current, limit = _read_int(base / "pids.current"), _read_int(base / "pids.max")
+    return None if current is None or limit is None else (current, limit)
 
 
 def open_files(pid: int) -> int:
