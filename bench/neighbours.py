@@ -115,9 +115,7 @@ async def storm(ctx: Context) -> None:
     result = await load.burst(server, keys, count)
     say(f"storm: statuses {dict(result.statuses)}, transport errors {dict(result.transport_errors)}")
     await load.close_sessions(server, result.sessions)
-    server.stop()
-    leftovers, _ = ctx.containers_of(server)
-    ctx.stop_server(server)
+    leftovers = ctx.session_leftovers(server)
     ctx.figures["storm"] = {
         "requests": count,
         "tenants": len(keys),
@@ -207,9 +205,7 @@ async def soak(ctx: Context, minutes: float) -> None:
         await asyncio.gather(sampler(), *(worker(index, client) for index in range(SOAK_WORKERS)))
     growth = samples.growth()
     say(f"soak: growth {', '.join(f'{k} {v:+.1%}' for k, v in growth.items())}")
-    server.stop()
-    leftovers, _ = ctx.containers_of(server)
-    ctx.stop_server(server)
+    leftovers = ctx.session_leftovers(server)
     ctx.figures["soak"] = {
         "minutes": minutes,
         "requests": dict(counts),
