@@ -3,6 +3,7 @@
 # ---- settings (override on the command line: make image IMAGE=foo:dev) ----
 IMAGE      ?= tci-sandbox:latest
 BASE_IMAGE ?= tci-base:bookworm
+ORCH_IMAGE ?= tci-orchestrator:latest
 # Extra CA for pip inside `docker build` (intercepting proxies); empty = none.
 CA_BUNDLE  ?= $(PIP_CERT)
 # 1 = also trust CA_BUNDLE in the final image.
@@ -35,7 +36,7 @@ SMOKE_IMPORTS := aiohttp, bs4, bokeh, gensim, imageio, joblib, librosa, matplotl
 	sympy, ipykernel, jupyter_client
 
 .DEFAULT_GOAL := help
-.PHONY: help base-image image image-smoke lock venv test lint up down logs
+.PHONY: help base-image image orchestrator-image image-smoke lock venv test lint up down logs
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -76,19 +77,21 @@ $(VENV)/.installed: pyproject.toml sandbox-image/runner/pyproject.toml
 
 venv: $(VENV)/.installed ## Create the development virtualenv
 
-test: venv image ## Run every test: unit, runner, contract, API, Docker integration, SDK compatibility
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+test: venv image orchestrator-image ## Run every test: unit, runner, contract, API, Docker integration, SDK compatibility
+	ORCH_TEST_ORCHESTRATOR_IMAGE=$(ORCH_IMAGE) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: venv ## ruff and mypy --strict
 	$(VENV)/bin/ruff check orchestrator sandbox-image/runner tests bench
 	$(VENV)/bin/ruff format --check orchestrator sandbox-image/runner tests bench
 	$(VENV)/bin/mypy
 
-up: image ## Build what is missing, then run the service on 127.0.0.1:$(PORT)
+orchestrator-image: base-image ## Build the orchestrator image (what `make up` runs; the chaos tests run it too)
 	@echo "==> $(COMPOSE) build orchestrator"
-	BASE_IMAGE=$(BASE_IMAGE) SANDBOX_IMAGE=$(IMAGE) $(COMPOSE) build orchestrator
+	BASE_IMAGE=$(BASE_IMAGE) ORCH_IMAGE=$(ORCH_IMAGE) $(COMPOSE) build orchestrator
+
+up: image orchestrator-image ## Build what is missing, then run the service on 127.0.0.1:$(PORT)
 	@echo "==> $(COMPOSE) up -d orchestrator (and the package cache)"
-	BASE_IMAGE=$(BASE_IMAGE) SANDBOX_IMAGE=$(IMAGE) ORCH_PORT=$(PORT) CA_BUNDLE=$(CA_BUNDLE) $(COMPOSE) up -d orchestrator
+	BASE_IMAGE=$(BASE_IMAGE) ORCH_IMAGE=$(ORCH_IMAGE) SANDBOX_IMAGE=$(IMAGE) ORCH_PORT=$(PORT) CA_BUNDLE=$(CA_BUNDLE) $(COMPOSE) up -d orchestrator
 	@echo "==> waiting for http://127.0.0.1:$(PORT)/readyz"
 	@for i in $$(seq 120); do \
 		if curl -fsS http://127.0.0.1:$(PORT)/readyz >/dev/null 2>&1; then \
@@ -107,5 +110,5 @@ logs: ## Follow the service's logs
 	$(COMPOSE) logs -f orchestrator
 
 .PHONY: bench
-bench: venv image ## Benchmark against the floors and llm-sandbox (BENCH_ARGS=--quick: smoke run)
+bench: venv image ## Benchmark against the floors and llm-sandbox (BENCH_ARGS=--quick: smoke run; --soak 30: the soak)
 	$(VENV)/bin/python -m bench --image $(IMAGE) $(BENCH_ARGS)

@@ -22,8 +22,9 @@ from typing import Any
 
 from orchestrator.backends import labels
 from orchestrator.logging import configure_logging
+from orchestrator.settings import SandboxSettings
 
-from . import engine, interrupt, phases, run_code
+from . import engine, interrupt, neighbours, phases, run_code
 from .context import Context
 from .plan import FULL, QUICK
 from .progress import elapsed, say
@@ -37,7 +38,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run of every phase")
     parser.add_argument("--only", action="append", metavar="PHASE", help="run only this phase (repeatable)")
     parser.add_argument("--out", type=Path, default=WORK_DIR / "results.json", help="where to write the JSON")
-    parser.add_argument("--image", default="tci-sandbox:latest", help="the sandbox image (make bench IMAGE=…)")
+    parser.add_argument("--image", default=SandboxSettings().image, help="the sandbox image (make bench passes IMAGE)")
+    parser.add_argument(
+        "--soak", type=float, metavar="MINUTES", help="only the soak: mixed work for MINUTES (not for CI; try 30)"
+    )
     return parser.parse_args(argv)
 
 
@@ -54,7 +58,7 @@ def _sweep_stale(ctx: Context) -> None:
         say(f"removed {len(stale)} containers left by earlier benchmark runs")
 
 
-async def _run_phases(ctx: Context, errors: dict[str, str], only: list[str] | None = None) -> None:
+async def _run_phases(ctx: Context, errors: dict[str, str], only: list[str] | None, soak: float | None) -> None:
     async def in_thread(fn: Callable[[Context], None]) -> None:
         await asyncio.to_thread(fn, ctx)
 
@@ -65,7 +69,11 @@ async def _run_phases(ctx: Context, errors: dict[str, str], only: list[str] | No
         ("burst", lambda: phases.burst(ctx)),
         ("package_installs", lambda: phases.package_installs(ctx)),
         ("run_code", lambda: run_code.run_code(ctx)),
+        ("neighbours", lambda: neighbours.neighbours(ctx)),
+        ("storm", lambda: neighbours.storm(ctx)),
     ]
+    if soak is not None:
+        steps = [("soak", lambda: neighbours.soak(ctx, soak))]
     for name, step in steps:
         if only and name not in only:
             continue
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     image = ctx.settings("meta").sandbox.image
     results: dict[str, Any] = {
         "meta": {
-            "mode": "quick" if args.quick else "full",
+            "mode": "soak" if args.soak is not None else "quick" if args.quick else "full",
             "run_id": run_id,
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "host": engine.host_facts(ctx.docker, image),
@@ -115,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     try:
         _sweep_stale(ctx)
-        asyncio.run(_run_phases(ctx, results["errors"], args.only))
+        asyncio.run(_run_phases(ctx, results["errors"], args.only, args.soak))
     except KeyboardInterrupt:
         interrupted = True
         results["errors"]["interrupted"] = "stopped by a signal; figures are partial"

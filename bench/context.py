@@ -68,6 +68,13 @@ class Context:
         sessions = sum(1 for container in found if labels.parse_claim(container.name) is not None)
         return sessions, len(found) - sessions
 
+    def session_leftovers(self, server: Server) -> int:
+        """Stop ``server`` and count the session containers it left (0 once every session was closed)."""
+        server.stop()
+        leftovers, _ = self.containers_of(server)
+        self.stop_server(server)
+        return leftovers
+
     def stop_server(self, server: Server) -> int:
         """Stop ``server`` and remove what it left (its warm pool stays on the engine by design)."""
         server.stop()

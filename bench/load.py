@@ -134,6 +134,8 @@ class Burst:
     latencies_all: list[float] = field(default_factory=list)
     transport_errors: Counter[str] = field(default_factory=Counter)
     sessions: list[LiveSession] = field(default_factory=list)
+    retry_after_missing: int = 0
+    """429 answers without a ``Retry-After`` header (the SDKs need it to back off)."""
 
 
 async def burst(server: Server, keys: Sequence[str], count: int) -> Burst:
@@ -151,6 +153,8 @@ async def burst(server: Server, keys: Sequence[str], count: int) -> Burst:
         elapsed = time.perf_counter() - began
         result.statuses[response.status_code] += 1
         result.latencies_all.append(elapsed)
+        if response.status_code == 429 and "retry-after" not in response.headers:
+            result.retry_after_missing += 1
         if response.status_code == 200:
             result.latencies_ok.append(elapsed)
             result.sessions.append(LiveSession(key, response.json()["data"]["session_id"]))

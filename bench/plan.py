@@ -28,6 +28,8 @@ class Plan:
     """Cold/cached install pairs, each on an empty package cache."""
     run_code_callers: int
     run_code_burst: int
+    neighbour_samples: int
+    storm_requests: int
 
     @property
     def latency_samples(self) -> int:
@@ -56,6 +58,8 @@ FULL = Plan(
     package_installs=3,
     run_code_callers=16,
     run_code_burst=500,
+    neighbour_samples=200,
+    storm_requests=500,
 )
 
 QUICK = Plan(
@@ -77,4 +81,6 @@ QUICK = Plan(
     package_installs=1,
     run_code_callers=16,
     run_code_burst=60,
+    neighbour_samples=40,
+    storm_requests=100,
 )

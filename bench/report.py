@@ -328,6 +328,60 @@ def _run_code_rows(figures: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _containment_rows(figures: dict[str, Any]) -> list[Row]:
+    out: list[Row] = []
+    if neighbours := figures.get("neighbours"):
+        ratio = neighbours["ratio_p50"]
+        lost = neighbours.get("neighbour_error")
+        beside = neighbours["beside_runaways"]
+        out.append(
+            Row(
+                "10. Bystander warm execute beside a neighbour's runaways",
+                f"p50 {_median(beside):.2f} ms, p99 {_p99(beside):.2f} ms",
+                f"its own baseline p50 {_median(neighbours['baseline']):.2f} ms: ratio {ratio:.2f}; "
+                f"{neighbours['runaway_cycles']} cycles of runaways, outcomes {neighbours['neighbour_outcomes']}"
+                + (f"; neighbour failed: {lost}" if lost else ""),
+                "ratio ≤ 2",
+                "met" if ratio <= 2 and not lost else f"MISSED: ratio {ratio:.2f}" + (f", {lost}" if lost else ""),
+            )
+        )
+    if storm := figures.get("storm"):
+        latency = storm["latency_all"]["summary"]
+        statuses = storm["statuses"]
+        bad = sum(n for code, n in statuses.items() if int(code) >= 500) + sum(storm["transport_errors"].values())
+        others = sum(n for code, n in statuses.items() if code not in {"200", "429"})
+        leftovers = storm["leftover_session_containers"]
+        missing = storm["retry_after_missing"]
+        fine = bad == 0 and others == 0 and leftovers == 0 and missing == 0
+        out.append(
+            Row(
+                f"11. Storm: {storm['requests']} simultaneous new sessions over {storm['tenants']} tenants",
+                f"p50 {_num(latency['median'], 2)} s, p99 {_num(latency['p99'], 2)} s, max {_num(latency['max'], 2)} s",
+                f"200: {statuses.get('200', 0)}, 429: {statuses.get('429', 0)} ({missing} without Retry-After), "
+                f"5xx/transport: {bad}; session containers left: {leftovers}",
+                "every request 200 or 429 with Retry-After; 5xx = 0; leftovers = 0",
+                "met" if fine else "MISSED",
+            )
+        )
+    if soak := figures.get("soak"):
+        growth = soak["growth"]
+        # The container count follows the workload (sessions come and go). Each client holds one session
+        # at a time, plus an expired one until the next reaper pass: more than twice the clients is a leak.
+        worst = max(value for name, value in growth.items() if name != "containers")
+        bounded = soak["max_containers"] <= 2 * soak["workers"] and soak["leftover_session_containers"] == 0
+        out.append(
+            Row(
+                f"12. Soak: {soak['minutes']:g} min of mixed work",
+                ", ".join(f"{name} {value:+.1%}" for name, value in growth.items()),
+                f"requests {soak['requests']}; containers at most {soak['max_containers']} "
+                f"for {soak['workers']} clients; session containers left: {soak['leftover_session_containers']}",
+                "rss, fds, threads growth < 10 %; containers ≤ twice the clients; leftovers = 0",
+                "met" if worst < 0.10 and bounded else "MISSED",
+            )
+        )
+    return out
+
+
 def rows(results: dict[str, Any]) -> list[Row]:
     figures = results.get("figures", {})
     return [
@@ -338,6 +392,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
         *_burst_rows(figures),
         *_install_rows(figures),
         *_run_code_rows(figures),
+        *_containment_rows(figures),
     ]
 
 

@@ -97,6 +97,12 @@ class Server:
                     raise RuntimeError(f"server {self.name} not ready after {_READY_TIMEOUT:g} s:\n{self.log_tail()}")
                 time.sleep(0.05)
 
+    @property
+    def pid(self) -> int:
+        """The server process's id (it must be running)."""
+        assert self._process is not None
+        return self._process.pid
+
     def _describe(self) -> str:
         pairs = sorted(self._overrides.items())
         return ", ".join(f"{key.removeprefix('ORCH_').lower()}={value}" for key, value in pairs) or "defaults"

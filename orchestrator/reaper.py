@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -20,12 +22,18 @@ async def reap_once(manager: SessionManager, metrics: Metrics) -> None:
         log.exception("reaper_failed")
         return
     metrics.reaper_runs.labels(result="skipped" if report.skipped else "ok").inc()
-    if report.removed or report.skipped:
-        log.info("reaped", removed=dict(report.removed), skipped=report.skipped)
+    # A run that removed nothing says nothing: one comes every interval.
+    if report.skipped:
+        log.warning("reaper_skipped", reason=report.skipped)
+    if report.removed:
+        log.info("reaped", removed=dict(report.removed))
 
 
 def start_reaper(manager: SessionManager, metrics: Metrics, interval: float) -> AsyncIOScheduler:
     """Run ``reap_once`` every ``interval`` seconds on the running loop, one run at a time."""
+    # APScheduler logs two INFO lines per run ("Running job", "executed successfully"); its
+    # warnings (a missed or skipped run) still come through.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
     scheduler = AsyncIOScheduler()
     scheduler.add_job(
         reap_once,

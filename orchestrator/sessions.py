@@ -156,6 +156,8 @@ class SessionManager:
         self._clock = clock
         self._sessions: dict[str, Session] = {}
         self._pending: Counter[str] = Counter()
+        # Sandboxes created for a new session and still starting: not orphans, however long that takes.
+        self._starting: set[str] = set()
         self._create_slots = asyncio.Semaphore(settings.max_concurrent_creates)
         self.pool = WarmPool(settings, backend, metrics, has_room=self._pool_has_room)
         self._reap_lock = asyncio.Lock()
@@ -396,6 +398,7 @@ class SessionManager:
     async def _start_one(self, claim: Claim) -> Session:
         async with self._create_slots:
             sandbox = await self._backend.create(claim)
+            self._starting.add(sandbox.sandbox_id)
             try:
                 client = await self._backend.connect(sandbox, timeout=self._settings.runner_ready_timeout_seconds)
                 await client.request(
@@ -406,6 +409,8 @@ class SessionManager:
             except (OrchestratorError, RunnerRefused) as exc:
                 await self._destroy_quietly(sandbox.sandbox_id, "start_failed")
                 raise SandboxStartFailed(f"sandbox did not become ready: {exc}") from exc
+            finally:
+                self._starting.discard(sandbox.sandbox_id)
         return Session(claim=claim, sandbox=sandbox, client=client)
 
     async def _run(self, session: Session, job: _Job, *, fresh: bool = False) -> ExecuteResult:
@@ -544,7 +549,7 @@ class SessionManager:
                 if session.sandbox.sandbox_id not in seen:
                     await self._end(session, "vanished")
                     report.removed["vanished"] += 1
-            known = {s.sandbox.sandbox_id for s in self._sessions.values()} | self.pool.sandbox_ids()
+            known = {s.sandbox.sandbox_id for s in self._sessions.values()} | self.pool.sandbox_ids() | self._starting
             for sandbox in sandboxes:
                 if sandbox.sandbox_id in known:
                     owner = self._session_for(sandbox.sandbox_id)

@@ -6,10 +6,12 @@ import json
 from importlib import resources
 
 import pytest
+from fastapi.testclient import TestClient
 
+from orchestrator.app import create_app
 from orchestrator.backends.docker_spec import CHANNEL_DIR
 
-from .conftest import execute, our_containers
+from .conftest import execute, our_containers, text_of
 
 pytestmark = pytest.mark.docker
 
@@ -97,3 +99,53 @@ def test_sandbox_user_cannot_escalate(api):
     assert "rootfs ro" in out
     assert "unshare 0" not in out
     assert "net " in out
+
+
+LIMITS_PROBE = """
+import ctypes, errno, os, resource
+libc = ctypes.CDLL(None, use_errno=True)
+def denied(number, *args):
+    result = libc.syscall(number, *args)
+    return errno.errorcode.get(ctypes.get_errno(), '?') if result == -1 else 'allowed'
+# x86_64 numbers: unshare(CLONE_NEWUSER), mount, io_uring_setup
+print('unshare', denied(272, 0x10000000))
+print('mount', denied(165, b'none', b'/tmp', b'tmpfs', 0, None))
+print('io_uring', denied(425, 1, ctypes.create_string_buffer(120)))
+print('capeff', [l.split()[1] for l in open('/proc/self/status') if l.startswith('CapEff')][0])
+print('nofile', resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+print('fsize', resource.getrlimit(resource.RLIMIT_FSIZE)[0])
+try:
+    with open('/tmp/big', 'wb', buffering=0) as f:
+        while True:  # a write across the limit is cut short; the next one fails
+            f.write(b'x' * 65536)
+except OSError as e:
+    print('big', errno.errorcode[e.errno])
+os.remove('/tmp/big')
+for d in ('/tmp', '/workspace', '/home/sandbox'):
+    s = os.statvfs(d)
+    print(d, s.f_blocks * s.f_frsize)
+try:
+    open('/run/tci-runner/forged', 'w')
+except OSError as e:
+    print('socket_dir', errno.errorcode[e.errno])
+"""
+
+
+def test_limits_hold_inside_a_running_sandbox(make_settings):
+    mib = 1024 * 1024
+    sandbox = {"max_file_size_bytes": mib, "nofile": 1000, "tmp_bytes": 16 * mib, "workspace_bytes": 32 * mib}
+    with TestClient(create_app(make_settings(sandbox=sandbox))) as api:
+        data = execute(api, LIMITS_PROBE)
+    assert data["outcome"] == "ok", data
+    seen = dict(line.split(" ", 1) for line in text_of(data, "stdout").splitlines())
+    assert seen["unshare"] == "EPERM", seen
+    assert seen["mount"] == "EPERM", seen
+    assert seen["io_uring"] in {"EPERM", "ENOSYS"}, seen
+    assert int(seen["capeff"], 16) == 0, seen
+    assert seen["nofile"] == "1000"
+    assert seen["fsize"] == str(mib)
+    assert seen["big"] == "EFBIG", seen
+    assert seen["/tmp"] == str(16 * mib)
+    assert seen["/workspace"] == str(32 * mib)
+    assert seen["/home/sandbox"] == str(256 * mib)
+    assert seen["socket_dir"] in {"EROFS", "EACCES"}, seen

@@ -25,6 +25,7 @@ from jupyter_client.session import Session
 
 from . import procs
 from .config import MiB, RunnerConfig
+from .containment import Containment
 from .launch import LaunchedKernel, start_kernel
 from .outputs import OutputCollector
 
@@ -83,6 +84,7 @@ class KernelSupervisor:
         # The cgroup's OOM kill count when the kernel was last seen well; read between executes so
         # that no execute waits for it.
         self._oom_baseline = procs.oom_kill_count()
+        self._containment = Containment()
 
     def _derived_memory_limit(self) -> int | None:
         limit = procs.cgroup_memory_limit()
@@ -179,7 +181,17 @@ class KernelSupervisor:
         ``on_output`` is told of each output as the kernel produces it (see ``OutputCollector``).
         """
         began = time.monotonic()
+        self._containment.begin()
         outcome = await self._execute(code, timeout, on_output)
+        if not outcome.state_lost and self.pid is not None and self._containment.check(self.pid, final=True):
+            # What the code left in the kernel itself (threads, open files) would starve the next execute.
+            outcome = await self._on_runaway(OutputCollector(self._config.limits, on_output), outcome)
+        note = await self._containment.finish(self.pid)
+        if note:
+            item = {"type": "stderr", "data": note}
+            outcome.outputs.append(item)
+            if on_output is not None:
+                on_output(item)
         outcome.duration_ms = (time.monotonic() - began) * 1000
         return outcome
 
@@ -205,6 +217,8 @@ class KernelSupervisor:
             return self._outcome(collector, "error" if collector.error_summary else "ok", execution_count=count)
         if status == "timeout":
             return await self._on_timeout(msg_id, collector, timeout)
+        if status == "runaway":
+            return await self._on_runaway(collector)
         watchdog = status == "memory"
         if watchdog and self._kernel is not None:
             await _kill(self._kernel)
@@ -214,7 +228,7 @@ class KernelSupervisor:
         return self._outcome(collector, kind, state_lost=True)
 
     async def _collect(self, msg_id: str, collector: OutputCollector, deadline: float) -> str:
-        """Feed iopub messages of ``msg_id`` to ``collector``; return idle, timeout, dead or memory."""
+        """Feed iopub messages of ``msg_id`` to ``collector``; return idle, timeout, dead, memory or runaway."""
         assert self._link is not None
         inbox = self._link.iopub
         loop = asyncio.get_running_loop()
@@ -227,6 +241,9 @@ class KernelSupervisor:
                 next_check = now + _POLL
                 if not self.alive():
                     return "dead"
+                # Before the memory check, which reads every process's page tables: slow under a bomb.
+                if self.pid is not None and self._containment.check(self.pid):
+                    return "runaway"
                 if self._over_memory():
                     return "memory"
             msg = await inbox.get(min(deadline, next_check))
@@ -268,6 +285,19 @@ class KernelSupervisor:
             f"TimeoutError: execution exceeded the {limit} s time limit and did not stop when interrupted. {note}"
         )
         return self._outcome(collector, "timeout", state_lost=True)
+
+    async def _on_runaway(self, collector: OutputCollector, done: ExecOutcome | None = None) -> ExecOutcome:
+        """Restart a kernel that is itself the runaway; ``done``: the outcome of code that had finished."""
+        if self._kernel is not None:
+            await _kill(self._kernel)
+        note = await self._restart_note()
+        collector.add_error(f"KernelDied: the kernel was stopped: {self._containment.culprit}. {note}")
+        outcome = self._outcome(collector, "kernel_died", state_lost=True)
+        if done is not None:
+            outcome.outputs[:0] = done.outputs
+            outcome.execution_count = done.execution_count
+            outcome.dropped = done.dropped
+        return outcome
 
     def _over_memory(self) -> bool:
         pid = self.pid

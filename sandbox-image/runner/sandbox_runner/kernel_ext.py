@@ -23,9 +23,11 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +35,13 @@ from typing import Any
 from sandbox_runner.outputs import TRUNCATION_MIME
 
 _STREAMS = ("stdout", "stderr")
+# Processes the kernel starts run below the kernel (and far below the runner): a busy background
+# process cannot starve the cell that started it, nor the interrupt that stops it.
+_CHILD_NICE = 19
+# A running shell escape is checked this often for its exit (its pipes may outlive it).
+_SHELL_POLL = 0.05
+# Reads of what a shell escape left in its pipes before the rest is handed to a thread.
+_DRAIN_READS = 64
 # Upper bound on waiting for fd-level output at the end of a cell (a writer that never stops).
 _DRAIN_SECONDS = 1.0
 # What ipykernel's pipe thread may hold between reading fd output and writing it: one read
@@ -130,7 +139,12 @@ def _drain_fd_output(streams: list[Any]) -> None:
 
 
 def _piped_system(cmd: str) -> int:
-    """Run a shell command, streaming its stdout and stderr into the cell's output."""
+    """Run a shell command, streaming its stdout and stderr into the cell's output.
+
+    The command is over when the shell exits, even if processes it put in the background still hold
+    its pipes (``!server &``): what they print from then on is forwarded by a thread of its own, and
+    the runner stops them when the execute ends.
+    """
     proc = subprocess.Popen(  # noqa: S602 - a shell escape is a shell command by definition
         cmd,
         shell=True,
@@ -139,22 +153,27 @@ def _piped_system(cmd: str) -> int:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        # Lowered before exec (one system call, so safe beside the kernel's threads): a quick command
+        # would otherwise have run, or forked, before the Popen hook lowers it.
+        preexec_fn=_lower_priority,
     )
     assert proc.stdout is not None
     assert proc.stderr is not None
     selector = selectors.DefaultSelector()
     for pipe, target in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
         selector.register(pipe, selectors.EVENT_READ, (target, codecs.getincrementaldecoder("utf-8")("replace")))
+    handed_off = False
     try:
-        while selector.get_map():
-            for key, _ in selector.select():
-                target, decoder = key.data
-                chunk = os.read(key.fd, 65536)
-                if chunk:
-                    target.write(decoder.decode(chunk))
-                else:
-                    target.write(decoder.decode(b"", final=True))
-                    selector.unregister(key.fileobj)
+        while selector.get_map() and proc.poll() is None:
+            _forward(selector, _SHELL_POLL)
+        # The shell is gone: what it wrote is in the pipes already; anything after that is the background's.
+        for _ in range(_DRAIN_READS):
+            if not selector.get_map() or not _forward(selector, 0):
+                break
+        if selector.get_map():
+            with contextlib.suppress(RuntimeError):  # no thread to spare (a bomb): their output is dropped
+                threading.Thread(target=_forward_until_closed, args=(selector,), daemon=True).start()
+                handed_off = True
         return proc.wait()
     except KeyboardInterrupt:
         os.killpg(proc.pid, signal.SIGINT)
@@ -162,11 +181,56 @@ def _piped_system(cmd: str) -> int:
             proc.wait(timeout=1)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         raise
     finally:
-        selector.close()
-        proc.stdout.close()
-        proc.stderr.close()
+        if not handed_off:
+            _close(selector)
+
+
+def _forward(selector: selectors.BaseSelector, timeout: float | None) -> bool:
+    """Copy what is readable within ``timeout`` to its stream; whether anything was."""
+    events = selector.select(timeout)
+    for key, _ in events:
+        target, decoder = key.data
+        chunk = os.read(key.fd, 65536)
+        if chunk:
+            target.write(decoder.decode(chunk))
+        else:
+            target.write(decoder.decode(b"", final=True))
+            selector.unregister(key.fileobj)
+            key.fileobj.close()  # type: ignore[union-attr]
+    return bool(events)
+
+
+def _forward_until_closed(selector: selectors.BaseSelector) -> None:
+    try:
+        while selector.get_map():
+            _forward(selector, None)
+    except (OSError, ValueError):
+        pass
+    finally:
+        _close(selector)
+
+
+def _close(selector: selectors.BaseSelector) -> None:
+    for key in list(selector.get_map().values()):
+        selector.unregister(key.fileobj)
+        key.fileobj.close()  # type: ignore[union-attr]
+    selector.close()
+
+
+def _system_piped(shell: Any, cmd: str) -> None:
+    """``!cmd``: ipykernel's ``system_piped`` over ``_piped_system``, which also takes ``cmd &``.
+
+    ipykernel refuses a command ending in ``&`` because its pipes would keep the cell open; here the
+    cell goes on once the shell exits, so agents can start servers the way they do in a terminal.
+    """
+    # depth=1: names in the cell's frame (a function's locals) expand as in ipykernel's own method.
+    exit_code = _piped_system(shell.var_expand(cmd, depth=1))
+    shell.user_ns["_exit_code"] = exit_code
+    if getattr(shell, "system_raise_on_error", False) and exit_code != 0:
+        raise subprocess.CalledProcessError(exit_code, cmd)
 
 
 # Process handles user code still holds: their exit status is theirs to collect.
@@ -179,6 +243,8 @@ def _track_handles(cls: Any) -> None:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         _handles.add(self)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, self.pid, _CHILD_NICE)
 
     cls.__init__ = __init__
 
@@ -198,7 +264,11 @@ def _reap_children(*_: Any) -> None:
         return  # no children at all
     owned = {handle.pid for handle in list(_handles) if getattr(handle, "returncode", None) is None}
     me = os.getpid()
-    for entry in os.scandir("/proc"):
+    try:
+        entries = list(os.scandir("/proc"))
+    except OSError:
+        return  # no file descriptor to spare: the runner restarts such a kernel
+    for entry in entries:
         if not entry.name.isdigit() or int(entry.name) in owned:
             continue
         try:
@@ -211,6 +281,11 @@ def _reap_children(*_: Any) -> None:
                 os.waitpid(int(entry.name), os.WNOHANG)
 
 
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, _CHILD_NICE)
+
+
 def load_ipython_extension(ip: Any) -> None:
     """Entry point IPython calls when the kernel starts with this extension."""
     if "debugpy" in sys.modules and sys.modules["debugpy"] is None:
@@ -220,12 +295,19 @@ def load_ipython_extension(ip: Any) -> None:
         stream = getattr(sys, name)
         stream.write = caps.wrap(name, stream.write)
         caps.streams.append(stream)
-    import ipykernel.zmqshell
-
-    # What ZMQInteractiveShell.system_piped calls; the module imports it without re-exporting it.
-    ipykernel.zmqshell.system = _piped_system  # type: ignore[attr-defined]
+    # ipykernel names every cell after a file in the temporary directory, and finding that directory
+    # writes a probe file there: a kernel restarted while /tmp is full could run no cell at all.
+    with contextlib.suppress(FileNotFoundError):
+        tempfile.gettempdir()
+    tempfile.tempdir = tempfile.tempdir or "/tmp"
+    # ipykernel opens a socket per thread on its first output; the main thread's opens now, so that
+    # code which uses up every file descriptor can still print.
+    sys.stdout.flush()
+    # Instance attributes: the class binds `system` to its own `system_piped`.
+    ip.system = ip.system_piped = types.MethodType(_system_piped, ip)
     import multiprocessing.popen_fork
 
+    os.register_at_fork(after_in_child=_lower_priority)
     _track_handles(subprocess.Popen)
     _track_handles(multiprocessing.popen_fork.Popen)
     ip.events.register("pre_execute", _reap_children)

@@ -7,10 +7,16 @@ is built; ``kernel_ext`` lifts the block once it loads, so user code can still i
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
+# The runner stays at the default priority, so that however busy user code keeps the CPU, the runner
+# still gets its turn to stop it; the kernel's own children go lower still (see kernel_ext).
+KERNEL_NICE = 10
+
 if __name__ == "__main__":
+    os.nice(KERNEL_NICE)  # before any thread exists: niceness is per thread, and threads inherit it
     # As ipykernel_launcher: the working directory joins sys.path later, through IPython.
     if sys.path[0] == "" or Path(sys.path[0]) == Path.cwd():
         del sys.path[0]

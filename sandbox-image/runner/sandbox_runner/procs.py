@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
+import resource
 import signal
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 _PR_SET_DUMPABLE = 4
 _PR_SET_CHILD_SUBREAPER = 36
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _CGROUP = Path("/sys/fs/cgroup")
+# A bound on SIGSTOP sweeps; a bomb is caught in a few (each freezes every process it found).
+_FREEZE_ROUNDS = 100
+# How ``stop_leftovers`` names the forks of the process it holds.
+FORK_OF_HOLD = "forks of the kernel"
 
 
 def _prctl(option: int, value: int) -> bool:
@@ -38,8 +46,24 @@ def make_undumpable() -> bool:
     return _prctl(_PR_SET_DUMPABLE, 0)
 
 
-def _parent_map() -> dict[int, int]:
-    parents: dict[int, int] = {}
+@dataclass(frozen=True)
+class Proc:
+    """One line of the process table."""
+
+    ppid: int
+    pgrp: int
+    state: str
+    name: str
+
+    @property
+    def live(self) -> bool:
+        """Not a zombie (a zombie holds a pid until its parent collects it, but runs nothing)."""
+        return self.state not in {"Z", "X", "x"}
+
+
+def process_table() -> dict[int, Proc]:
+    """Every process this pid namespace shows in /proc."""
+    table: dict[int, Proc] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -49,15 +73,16 @@ def _parent_map() -> dict[int, int]:
             continue
         # The command name may hold spaces and parentheses; fields resume after the last ')'.
         fields = stat[stat.rfind(")") + 2 :].split()
-        parents[int(entry.name)] = int(fields[1])
-    return parents
+        name = stat[stat.find("(") + 1 : stat.rfind(")")]
+        table[int(entry.name)] = Proc(int(fields[1]), int(fields[2]), fields[0], name)
+    return table
 
 
-def descendants(root: int, parents: dict[int, int] | None = None) -> list[int]:
-    """All live descendants of ``root`` (from ``parents``, or a fresh scan of /proc)."""
+def descendants(root: int, table: dict[int, Proc] | None = None) -> list[int]:
+    """All descendants of ``root`` (from ``table``, or a fresh scan of /proc), zombies included."""
     children: dict[int, list[int]] = {}
-    for pid, ppid in (_parent_map() if parents is None else parents).items():
-        children.setdefault(ppid, []).append(pid)
+    for pid, proc in (process_table() if table is None else table).items():
+        children.setdefault(proc.ppid, []).append(pid)
     found: list[int] = []
     stack = list(children.get(root, []))
     while stack:
@@ -67,22 +92,125 @@ def descendants(root: int, parents: dict[int, int] | None = None) -> list[int]:
     return found
 
 
-def kill_leftovers(keep: set[int]) -> list[int]:
-    """SIGKILL every descendant of this process except the pids in ``keep``; reap the ones we adopted.
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signum)
 
-    The kernel's own children are leftovers too: only the kernel process itself is in ``keep``.
+
+def stop_leftovers(keep: set[int], hold: int | None = None) -> Counter[str]:
+    """Freeze, then SIGKILL, every descendant of this process except ``keep``; names of the live ones stopped.
+
+    Killing a fork bomb one pid at a time lets it refill every pid freed, so everything is frozen
+    first: SIGSTOP to each descendant not yet stopped, scan again, until a scan shows nothing new and
+    every one of them stopped; only then SIGKILL, which a stopped process cannot answer by forking.
+    ``hold`` (the kernel, which is kept) is frozen for the sweep too, so that it cannot start new
+    processes meanwhile, and resumed at the end; processes still running its very program (forks
+    that never called exec) are counted under ``FORK_OF_HOLD``. The dead become zombies of their
+    parents; the ones adopted by this process are collected by ``reap_adopted``.
+
+    A command line is only read from a stopped process: reading one takes the lock of its memory
+    map, which a process busy forking holds most of the time (seconds of waiting under a bomb).
     """
     me = os.getpid()
-    parents = _parent_map()  # one scan serves both the kill and the reap
-    victims = [pid for pid in descendants(me, parents) if pid not in keep]
-    for pid in victims:
+    stopped: dict[int, Proc] = {}
+    names: Counter[str] = Counter()
+    settled = False
+    # A whole process group stops in one call, members forked meanwhile included; the kernel's
+    # group holds everything it starts but shell escapes (a group each).
+    groups = {os.getpgrp(), *keep} - {hold}
+    if hold is not None:
+        _signal(hold, signal.SIGSTOP)
+        _stop_group(hold, groups)
+    try:
+        for _ in range(_FREEZE_ROUNDS):
+            table = process_table()
+            new = [pid for pid in descendants(me, table) if pid not in keep and pid not in stopped]
+            for pid in new:
+                _stop_group(table[pid].pgrp, groups)
+                _signal(pid, signal.SIGSTOP)
+                stopped[pid] = table[pid]
+            # SIGSTOP lands asynchronously: one still running when it was sent may fork once more.
+            frozen = {*stopped, *([hold] if hold is not None else [])}
+            settled = all(not proc.live or proc.state == "T" for pid, proc in table.items() if pid in frozen)
+            if not new and settled:
+                break
+        held = _cmdline(hold) if hold is not None and settled else None
+        for pid, proc in stopped.items():
+            if proc.live:
+                names[FORK_OF_HOLD if held and _cmdline(pid) == held else proc.name] += 1
+            _signal(pid, signal.SIGKILL)
+    finally:
+        if hold is not None:
+            _signal(hold, signal.SIGCONT)
+    return names
+
+
+def _stop_group(pgrp: int, done: set[int]) -> None:
+    if pgrp not in done and pgrp > 1:
+        done.add(pgrp)
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    for pid, ppid in parents.items():
-        if ppid == me and pid not in keep:
+            os.killpg(pgrp, signal.SIGSTOP)
+
+
+def _cmdline(pid: int) -> bytes | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes() or None
+    except OSError:
+        return None
+
+
+def reap_adopted(keep: set[int]) -> int:
+    """Collect our dead children except ``keep``; how many descendants besides ``keep`` are left."""
+    me = os.getpid()
+    table = process_table()
+    for pid, proc in table.items():
+        if proc.ppid == me and pid not in keep and not proc.live:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
-    return victims
+    return sum(1 for pid in descendants(me, table) if pid not in keep and table[pid].live)
+
+
+def kill_leftovers(keep: set[int]) -> Counter[str]:
+    """``stop_leftovers`` then one ``reap_adopted``: the kernel's own children are leftovers too."""
+    stopped = stop_leftovers(keep)
+    reap_adopted(keep)
+    return stopped
+
+
+@functools.cache
+def _pids_dir() -> Path | None:
+    """Where the pids controller's files are (cgroup v2 or v1); looked up once, it is read every poll."""
+    return next((base for base in (_CGROUP, _CGROUP / "pids") if (base / "pids.current").exists()), None)
+
+
+def pids_in_use() -> tuple[int, int] | None:
+    """(tasks, limit) of the container's pids cgroup; None without a limit."""
+    base = _pids_dir()
+    if base is None:
+        return None
+    current, limit = _read_int(base / "pids.current"), _read_int(base / "pids.max")
+    return None if current is None or limit is None else (current, limit)
+
+
+def open_files(pid: int) -> int:
+    """File descriptors ``pid`` holds open; 0 if it is gone."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def open_files_limit() -> int:
+    """The soft RLIMIT_NOFILE every process here starts with (the container's ``nofile``)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def thread_count(pid: int) -> int:
+    """Threads of ``pid`` (each holds a pid of the cgroup's limit); 0 if it is gone."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
 
 
 def _pss(pid: int) -> int:
@@ -99,9 +227,15 @@ def tree_memory_exceeds(root: int, limit: int) -> bool:
     """Whether ``root`` and its descendants use more than ``limit`` bytes of memory.
 
     Summed RSS counts pages that forked children share copy-on-write once per child, so it only
-    serves as a cheap upper bound; above the limit, proportional set sizes decide.
+    serves as a cheap upper bound; above the limit, proportional set sizes decide, unless the
+    container's whole memory charge is below the limit too (reading them takes each process's
+    memory-map lock, which a fork bomb's processes hold most of the time).
     """
-    pids = (root, *descendants(root))
+    usage = cgroup_memory_usage() if cgroup_memory_limit() is not None else None
+    if usage is not None and usage <= limit:
+        return False
+    table = process_table()
+    pids = (root, *(pid for pid in descendants(root, table) if table[pid].live))
     rss = 0
     for pid in pids:
         try:

@@ -60,7 +60,7 @@ class Runner:
         self._kernel = supervisor
         self._writer: asyncio.StreamWriter | None = None
         self._write_lock = asyncio.Lock()
-        # One execute at a time, including the leftover-process sweep that follows it.
+        # One execute at a time.
         self._exec_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         # Whether an ``interrupt`` request arrived while the current execute's code was running.
@@ -255,10 +255,6 @@ class Runner:
                 self.execute_count += 1
                 self.last_execute_at = time.time()
             await self._send(ok(request_id, outcome.to_wire()))
-            kernel_pid = self._kernel.pid
-            killed = procs.kill_leftovers(keep={kernel_pid} if kernel_pid else set())
-            if killed:
-                log.info("killed %d leftover processes after execute %s", len(killed), request_id)
             self._kernel.settle()
 
 
