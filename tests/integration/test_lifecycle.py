@@ -88,7 +88,8 @@ def test_expired_session_is_reaped_within_one_interval(docker_client, run_id, ma
         sid = execute(api, "x = 1")["session_id"]
         assert our_containers(docker_client, run_id)
         wait_for(lambda: not our_containers(docker_client, run_id), 3 + 1 + 10, "the reaper to remove the container")
-        assert not socket_dir(run_id).exists(), "the session's socket directory went with it"
+        # Its socket directory goes right after the container (the channel closes once the engine is done).
+        wait_for(lambda: not socket_dir(run_id).exists(), 10, "the session's socket directory to go with it")
         response = api.post("/tci/execute", json={"code": "print(x)", "session_id": sid}, headers=AUTH)
         assert response.status_code == 404
         assert response.json()["error"]["code"] == "session_not_found"
