@@ -32,12 +32,10 @@ def prepare_home(config: RunnerConfig) -> None:
 
 
 def kernel_env(config: RunnerConfig) -> dict[str, str]:
-    """The kernel's environment: ours (which holds no secrets by design) plus its output cap."""
+    """The interpreter's environment: ours (which holds no secrets by design) plus its output caps."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TCI_RUNNER_")}
-    # ipykernel stops capturing fd-level output (subprocesses, C code) when it believes pytest runs
-    # it; a runner started from a test (the local backend, tests/runner) must behave as in a container.
-    env.pop("PYTEST_CURRENT_TEST", None)
     env["TCI_KERNEL_MAX_STREAM_BYTES"] = str(config.limits.max_stream_bytes)
+    env["TCI_KERNEL_MAX_FRAME_BYTES"] = str(config.limits.max_frame_bytes)
     return env
 
 
@@ -61,7 +59,7 @@ def main() -> None:
     procs.make_undumpable()
     prepare_home(config)
     env = kernel_env(config)
-    # The kernel starts now, while the rest of the runner (asyncio, jupyter_client, pyzmq) is imported.
+    # The interpreter starts now, while the rest of the runner (asyncio and the server) is imported.
     launched = start_kernel(env, config.workdir)
     import asyncio
 

@@ -22,6 +22,11 @@ class Limits:
     max_name_bytes: int = 255
     max_path_bytes: int = 1024
 
+    @property
+    def max_frame_bytes(self) -> int:
+        """The interpreter's largest frame: a display within the output cap, JSON-escaped."""
+        return 2 * self.max_output_bytes + MiB
+
 
 @dataclass(frozen=True)
 class RunnerConfig:

@@ -1,42 +1,35 @@
-"""Supervision of one IPython kernel, spoken to through jupyter_client's client and session.
+"""Supervision of one interpreter process (``interpreter.py``), spoken to over a socketpair.
 
-The kernel is a child process; its death (OOM kill, segfault, ``os._exit``) is observed, explained
-and followed by a restart, never shared by the runner.
+The interpreter (called the kernel here and on the wire, as in Jupyter) is a child process; its death
+(OOM kill, segfault, ``os._exit``) is observed, explained and followed by a restart, never shared by
+the runner.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, cast
-
-import zmq
-import zmq.asyncio
-from jupyter_client.asynchronous.client import AsyncKernelClient
-from jupyter_client.connect import KernelConnectionInfo
-from jupyter_client.session import Session
+from typing import Any, Final
 
 from . import procs
 from .config import MiB, RunnerConfig
 from .containment import Containment
 from .launch import LaunchedKernel, start_kernel
 from .outputs import OutputCollector
+from .protocol import ProtocolError, encode_frame, read_frame
 
 log = logging.getLogger("sandbox_runner")
 
 # How often liveness and memory are checked while waiting for kernel messages.
 _POLL: Final = 0.1
 _READY_TIMEOUT: Final = 60.0
-# A kernel_info request is sent again this often while a starting kernel has not answered.
-_READY_RESEND: Final = 1.0
-# Messages kept per socket when nobody reads them (a background thread printing between executes).
+# Frames kept when nobody reads them.
 _INBOX_LIMIT: Final = 10_000
 _STATE_LOST: Final = "The kernel was restarted: variables, imports and other session state are lost."
 
@@ -75,7 +68,8 @@ class KernelSupervisor:
         # A kernel started before this module was imported (see launch.py), taken over by start().
         self._launched = launched
         self._kernel: LaunchedKernel | None = None
-        self._link: _Link | None = None
+        self._link: _Connection | None = None
+        self._cell = 0
         self.ready = asyncio.Event()
         self.restarts = 0
         self.startup_seconds: float | None = None
@@ -108,11 +102,8 @@ class KernelSupervisor:
         if launched is None:
             launched = start_kernel(self._env, self._config.workdir)
         procs.raise_oom_score(launched.process.pid)
-        kc = AsyncKernelClient()
-        kc.load_connection_info(cast("KernelConnectionInfo", launched.connection))
-        # No heartbeat (the process itself is watched) and no stdin or control channel (unused).
-        kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)  # noqa: S604 - channels
-        link = _Link(kc)
+        # Twice the interpreter's own cap: an error it shortens to fit may still exceed it in UTF-8.
+        link = await _Connection.open(launched, 2 * self._config.limits.max_frame_bytes)
         try:
             await _wait_until_ready(link, launched, _READY_TIMEOUT)
         except BaseException:
@@ -209,71 +200,84 @@ class KernelSupervisor:
             return self._outcome(collector, "not_run", state_lost=True)
         assert self._link is not None
         oom_before = self._oom_baseline
-        msg_id = self._link.client.execute(code, store_history=True, allow_stdin=False, stop_on_error=True)
+        self._cell += 1
         loop = asyncio.get_running_loop()
-        status = await self._collect(msg_id, collector, loop.time() + timeout)
+        deadline = loop.time() + timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._link.send({"cell": self._cell, "code": code})
+        except (TimeoutError, OSError):
+            pass  # a wedged or gone interpreter: _collect tells which
+        status, done = await self._collect(collector, deadline)
         if status == "idle":
-            count = await self._reply_count(msg_id)
-            return self._outcome(collector, "error" if collector.error_summary else "ok", execution_count=count)
+            kind = "error" if collector.error_summary else "ok"
+            count = done.get("execution_count")
+            outcome = self._outcome(collector, kind, execution_count=count if type(count) is int else None)
+            if done.get("exit") is True:
+                # exit() or quit(): as a notebook does, the kernel is restarted, and the reply says so.
+                outcome.state_lost = True
+                await self.restart()
+            return outcome
         if status == "timeout":
-            return await self._on_timeout(msg_id, collector, timeout)
+            return await self._on_timeout(collector, timeout)
         if status == "runaway":
             return await self._on_runaway(collector)
         watchdog = status == "memory"
-        if watchdog and self._kernel is not None:
+        # A dying process closes its socket before it can be waited for: give it a moment to be seen dead.
+        if not watchdog and self._kernel is not None:
+            await _wait_exit(self._kernel, 1.0)
+        # Alive after "dead": the connection broke (user code closed or wrote on the interpreter's socket).
+        broken = None if watchdog or not self.alive() or self._link is None else self._link.broken
+        if self._kernel is not None and (watchdog or broken is not None):
             await _kill(self._kernel)
         kind, cause = self._death_cause(oom_before, watchdog)
+        if broken is not None and kind != "oom":
+            cause = f"the kernel was stopped because {broken}"
         note = await self._restart_note()
         collector.add_error(f"KernelDied: {cause}. {note}")
         return self._outcome(collector, kind, state_lost=True)
 
-    async def _collect(self, msg_id: str, collector: OutputCollector, deadline: float) -> str:
-        """Feed iopub messages of ``msg_id`` to ``collector``; return idle, timeout, dead, memory or runaway."""
+    async def _collect(self, collector: OutputCollector, deadline: float) -> tuple[str, dict[str, Any]]:
+        """Feed the current cell's frames to ``collector``; (idle, its ``done`` frame), or timeout, dead,
+        memory or runaway."""
         assert self._link is not None
-        inbox = self._link.iopub
+        link = self._link
         loop = asyncio.get_running_loop()
         next_check = loop.time() + _POLL
         while True:
             now = loop.time()
             if now >= deadline:
-                return "timeout"
+                return "timeout", {}
             if now >= next_check:
                 next_check = now + _POLL
                 if not self.alive():
-                    return "dead"
+                    return "dead", {}
                 # Before the memory check, which reads every process's page tables: slow under a bomb.
                 if self.pid is not None and self._containment.check(self.pid):
-                    return "runaway"
+                    return "runaway", {}
                 if self._over_memory():
-                    return "memory"
-            msg = await inbox.get(min(deadline, next_check))
-            if msg is None or msg["parent_header"].get("msg_id") != msg_id:
+                    return "memory", {}
+            msg = await link.get(min(deadline, next_check))
+            if msg is None:
+                if link.broken is not None:
+                    return "dead", {}
                 continue
-            msg_type = msg["header"].get("msg_type")
-            if msg_type == "status":
-                if msg["content"].get("execution_state") == "idle":
-                    return "idle"
-                continue
-            collector.feed(msg_type, msg["content"])
+            msg_type = msg.get("type")
+            if msg_type == "done":
+                if msg.get("cell") == self._cell:
+                    collector.add_source_drops(msg.get("dropped"))
+                    return "idle", msg
+                continue  # a late or forged one
+            if isinstance(msg_type, str):
+                collector.feed(msg_type, msg)
 
-    async def _reply_count(self, msg_id: str) -> int | None:
-        assert self._link is not None
-        inbox = self._link.shell
-        deadline = asyncio.get_running_loop().time() + 1.0
-        while (reply := await inbox.get(deadline)) is not None:
-            if reply["parent_header"].get("msg_id") == msg_id:
-                count = reply["content"].get("execution_count")
-                return count if isinstance(count, int) else None
-        return None
-
-    async def _on_timeout(self, msg_id: str, collector: OutputCollector, timeout: float) -> ExecOutcome:
+    async def _on_timeout(self, collector: OutputCollector, timeout: float) -> ExecOutcome:
         await self.interrupt()
         loop = asyncio.get_running_loop()
-        status = await self._collect(msg_id, collector, loop.time() + self._config.interrupt_grace)
+        status, _ = await self._collect(collector, loop.time() + self._config.interrupt_grace)
         collector.drop_keyboard_interrupt()
         limit = f"{timeout:g}"
         if status == "idle":
-            await self._reply_count(msg_id)
             collector.add_error(
                 f"TimeoutError: execution exceeded the {limit} s time limit and was interrupted. Session state is kept."
             )
@@ -340,30 +344,40 @@ class KernelSupervisor:
         )
 
 
-class _Inbox:
-    """Every message one kernel socket delivers, in order, read by a task of its own.
+class _Connection:
+    """Frames from one interpreter, in order, read by a task of their own.
 
-    Waiting with a timeout then cancels a queue read, which loses nothing. A cancelled *receive*
-    could: one cancelled just after it took a message off the socket drops that message, and an
-    ``idle`` lost so stalls an execute until its timeout.
+    Waiting with a timeout then cancels a queue read, which loses nothing (a cancelled read of the
+    stream itself could lose half a frame). The interpreter is untrusted: user code can write on its
+    socket, so an unreadable frame ends the connection like a closed one.
     """
 
-    def __init__(self, socket: zmq.asyncio.Socket, session: Session) -> None:
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._task = asyncio.create_task(self._pump(socket, session))
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_frame: int) -> None:
+        self._writer = writer
+        self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.broken: str | None = None
+        self._task = asyncio.create_task(self._pump(reader, max_frame))
 
-    async def _pump(self, socket: zmq.asyncio.Socket, session: Session) -> None:
-        with contextlib.suppress(zmq.ZMQError):  # the socket was closed
+    @classmethod
+    async def open(cls, kernel: LaunchedKernel, max_frame: int) -> _Connection:
+        reader, writer = await asyncio.open_unix_connection(sock=kernel.sock, limit=2**20)
+        return cls(reader, writer, max_frame)
+
+    async def _pump(self, reader: asyncio.StreamReader, max_frame: int) -> None:
+        try:
             while True:
-                message = _decode(session, await socket.recv_multipart())
-                if message is None:
-                    continue
+                message = await read_frame(reader, max_frame)
                 if self._queue.qsize() >= _INBOX_LIMIT:
-                    self._queue.get_nowait()  # nobody is reading (output between executes): keep the newest
+                    self._queue.get_nowait()  # nobody is reading: keep the newest
                 self._queue.put_nowait(message)
+        except EOFError:
+            self.broken = "its connection to the runner was closed"
+        except (ProtocolError, OSError) as exc:
+            self.broken = f"it sent an unreadable message ({exc})"
+        self._queue.put_nowait(None)
 
     async def get(self, deadline: float) -> dict[str, Any] | None:
-        """The next message, or None if none came before ``deadline`` (loop time)."""
+        """The next frame, or None if none came before ``deadline`` (loop time) or the connection broke."""
         if not self._queue.empty():
             return self._queue.get_nowait()
         try:
@@ -372,74 +386,31 @@ class _Inbox:
         except TimeoutError:
             return None
 
+    async def send(self, message: dict[str, Any]) -> None:
+        self._writer.write(encode_frame(message))
+        await self._writer.drain()
+
     def close(self) -> None:
         self._task.cancel()
+        self._writer.close()
 
 
-class _Link:
-    """The client of one kernel and the inboxes of the two sockets the runner reads."""
-
-    def __init__(self, client: AsyncKernelClient) -> None:
-        self.client = client
-        self.iopub = _Inbox(client.iopub_channel.socket, client.session)
-        self.shell = _Inbox(client.shell_channel.socket, client.session)
-
-    def close(self) -> None:
-        self.iopub.close()
-        self.shell.close()
-        self.client.stop_channels()
-
-
-def _decode(session: Session, parts: list[bytes]) -> dict[str, Any] | None:
-    """A Jupyter message's header, parent header and content; None if it is malformed or forged.
-
-    ``Session.deserialize`` also turns every date in the headers into a ``datetime`` through
-    dateutil, which costs more than the rest of a small execute's handling; only ids, the message
-    type and the content are needed here. The signature is still checked.
-    """
-    _, frames = session.feed_identities(parts)
-    if len(frames) < 5:
-        return None
-    signature, *signed = (frame if isinstance(frame, bytes) else frame.bytes for frame in frames[:5])
-    if session.auth is not None and not hmac.compare_digest(signature, session.sign(signed)):
-        log.warning("dropped a kernel message with a bad signature")
-        return None
-    try:
-        # The session's unpacker, not json.loads: it replaces invalid UTF-8 (lone surrogates) instead of failing.
-        header, parent, _, content = (session.unpack(part) for part in signed)
-        message = {"header": header, "parent_header": parent, "content": content}
-    except ValueError:
-        return None
-    return message if all(isinstance(part, dict) for part in message.values()) else None
-
-
-async def _wait_until_ready(link: _Link, kernel: LaunchedKernel, timeout: float) -> None:
-    """Return once the kernel answers ``kernel_info`` and our iopub subscription is live.
-
-    Output published before the subscription reaches the kernel is lost, so a reply on shell
-    alone is not enough: some message must also have come through iopub (ipykernel greets each
-    new subscriber with ``iopub_welcome``; older kernels show the status of a kernel_info).
-    """
+async def _wait_until_ready(connection: _Connection, kernel: LaunchedKernel, timeout: float) -> None:
+    """Return once the interpreter says it is ready; raise if it dies or takes longer than ``timeout``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    iopub_live = replied = False
-    resend_at = loop.time()
-    while not (iopub_live and replied):
-        now = loop.time()
+    while True:
         code = kernel.process.poll()
         if code is not None:
-            raise RuntimeError(f"the kernel exited with status {code} while starting")
+            raise RuntimeError(f"the interpreter exited with status {code} while starting")
+        if connection.broken is not None:
+            raise RuntimeError(f"the interpreter failed while starting: {connection.broken}")
+        now = loop.time()
         if now >= deadline:
-            raise TimeoutError(f"the kernel did not answer within {timeout:g} s")
-        if now >= resend_at:
-            link.client.kernel_info()
-            resend_at = now + _READY_RESEND
-        step = min(deadline, resend_at, now + _POLL)
-        if not iopub_live:
-            iopub_live = await link.iopub.get(step) is not None
-            continue
-        reply = await link.shell.get(step)
-        replied = reply is not None and reply["header"].get("msg_type") == "kernel_info_reply"
+            raise TimeoutError(f"the interpreter did not start within {timeout:g} s")
+        message = await connection.get(min(deadline, now + _POLL))
+        if message is not None and message.get("type") == "ready":
+            return
 
 
 async def _kill(kernel: LaunchedKernel) -> None:
@@ -449,7 +420,12 @@ async def _kill(kernel: LaunchedKernel) -> None:
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         process.kill()
-    deadline = time.monotonic() + 5
+    await _wait_exit(kernel, 5.0)
+
+
+async def _wait_exit(kernel: LaunchedKernel, seconds: float) -> None:
+    """Wait up to ``seconds`` for the process to exit."""
+    deadline = time.monotonic() + seconds
     # A Popen offers no awaitable exit: poll it.
-    while process.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
+    while kernel.process.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.005)

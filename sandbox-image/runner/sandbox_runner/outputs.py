@@ -1,7 +1,8 @@
-"""Pure translation of a kernel's iopub messages into TCI outputs, with output caps.
+"""Pure translation of an interpreter's output frames into TCI outputs, with output caps.
 
-One ``OutputCollector`` lives for one execute. ``feed`` takes each iopub message of that execute
-in arrival order; ``finish`` returns the outputs. Nothing here does I/O.
+The frames have the content shapes of Jupyter's iopub messages. One ``OutputCollector`` lives for
+one execute. ``feed`` takes each frame of that execute in arrival order; ``finish`` returns the
+outputs. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from .config import Limits
 
 # CSI sequences (colours, cursor moves) and OSC sequences (titles, hyperlinks).
 _ANSI: Final = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
-# The kernel extension reports what it dropped at the source under this MIME type.
-TRUNCATION_MIME: Final = "application/vnd.tci.truncation+json"
 STREAMS: Final = ("stdout", "stderr")
 
 
@@ -74,6 +73,11 @@ class OutputCollector:
                     self._clear_on_next = True
                 else:
                     self._clear()
+            case "display_dropped":
+                # A display too large to send at all: the interpreter sent its size instead.
+                size = content.get("bytes")
+                self.dropped["display"] += size if type(size) is int and size > 0 else 0
+                self._dropped_displays += 1
             case _:
                 # status, execute_input, comm_* and unknown types carry no output.
                 pass
@@ -157,10 +161,6 @@ class OutputCollector:
     def _display(self, kind: str, data: Any) -> None:
         if not isinstance(data, dict):
             return
-        report = data.get(TRUNCATION_MIME)
-        if report is not None:
-            self._source_truncation(report)
-            return
         self._maybe_clear()
         size = bundle_size(data)
         if self._total_bytes + size > self._limits.max_output_bytes:
@@ -170,7 +170,8 @@ class OutputCollector:
         self._total_bytes += size
         self._append(kind, dict(data))
 
-    def _source_truncation(self, report: Any) -> None:
+    def add_source_drops(self, report: Any) -> None:
+        """Count what the interpreter dropped at the source (``{"stdout"|"stderr": bytes}``)."""
         if not isinstance(report, dict):
             return
         for name in STREAMS:

@@ -1,0 +1,271 @@
+"""The interpreter's output: file descriptors 1 and 2 are pipes it reads itself, in a thread of its own.
+
+Python's ``sys.stdout``/``sys.stderr`` write into the same pipes (line-buffered), so what a cell prints
+and what its subprocesses, C code and ``os.write`` calls write reach the runner as one ordered byte
+stream per file descriptor. Before a display, an error or the end of a cell, both pipes are drained
+under the channel's lock, so outputs keep the order the cell produced them in. The stream caps are
+applied here, where the bytes are read: past the cap nothing more of that stream is sent.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import io
+import os
+import select
+import threading
+import time
+from typing import Any, Final
+
+from .channel import InterpreterChannel
+from .outputs import STREAMS, cut_utf8, utf8_len
+
+# A partial line (``print(x, end="")``) is sent after at most this long; ipykernel waits 0.2 s.
+_FLUSH_INTERVAL: Final = 0.05
+# Python-level text is written to the pipe at a newline or once this many characters wait.
+_BUFFER_CHARS: Final = 8192
+_READ_BYTES: Final = 65536
+# Reads of a pipe when it is drained; bounds the wait for a writer that never stops.
+_DRAIN_READS: Final = 64
+
+
+class OutputStream(io.TextIOBase):
+    """``sys.stdout`` or ``sys.stderr``: text buffered up to a newline, then written to the file descriptor."""
+
+    def __init__(self, fd: int, name: str, capture: Capture) -> None:
+        super().__init__()
+        self._fd = fd
+        self._name = name
+        self._capture = capture
+        self._lock = threading.Lock()
+        self._parts: list[str] = []
+        self._size = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    @property
+    def name(self) -> str:
+        return f"<{self._name}>"
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return "replace"
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if not text:
+            return 0
+        with self._lock:
+            first = not self._parts
+            self._parts.append(text)
+            self._size += len(text)
+            if "\n" in text or self._size >= _BUFFER_CHARS:
+                self._write_out()
+                return len(text)
+        if first:
+            self._capture.wake()
+        return len(text)
+
+    def flush(self) -> None:
+        """Write out the buffer and send what waits in the pipe: an explicit flush keeps the order of streams."""
+        self.write_out()
+        self._capture.forward(self._name)
+
+    def write_out(self) -> None:
+        """Write the buffered text into the pipe."""
+        with self._lock:
+            self._write_out()
+
+    @property
+    def pending(self) -> bool:
+        """Whether text waits in the buffer."""
+        return bool(self._parts)
+
+    def take(self) -> str:
+        """The buffered text, removed; empty when the buffer is busy (it is being written out)."""
+        if not self._lock.acquire(blocking=False):
+            return ""
+        try:
+            text = "".join(self._parts)
+            self._parts.clear()
+            self._size = 0
+            return text
+        finally:
+            self._lock.release()
+
+    def _write_out(self) -> None:
+        if not self._parts:
+            return
+        data = memoryview("".join(self._parts).encode("utf-8", errors="replace"))
+        self._parts.clear()
+        self._size = 0
+        # Blocks while the pipe is full, until the output thread has read it: never under the channel's lock.
+        while data:
+            data = data[os.write(self._fd, data) :]
+
+    def _forget(self) -> None:
+        # A forked child: another thread may have held the lock, and the parent prints its own buffer.
+        self._lock = threading.Lock()
+        self._parts = []
+        self._size = 0
+
+
+class Capture:
+    """Reads fds 1 and 2 and sends what a running cell writes as ``stream`` frames, capped."""
+
+    def __init__(self, channel: InterpreterChannel, max_stream_bytes: int) -> None:
+        self._channel = channel
+        self._cap = max_stream_bytes
+        self._names: dict[int, str] = {}
+        for fd, name in zip((1, 2), STREAMS, strict=True):
+            read_end, write_end = os.pipe()
+            os.dup2(write_end, fd)  # inheritable: subprocesses write into the same pipe
+            os.close(write_end)
+            os.set_blocking(read_end, False)
+            self._names[read_end] = name
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self.streams = {name: OutputStream(fd, name, self) for fd, name in zip((1, 2), STREAMS, strict=True)}
+        self._decoders = {name: _decoder() for name in STREAMS}
+        self._active = False
+        self._pid = os.getpid()
+        self.used = dict.fromkeys(STREAMS, 0)
+        self.dropped = dict.fromkeys(STREAMS, 0)
+        threading.Thread(target=self._pump, name="tci-output", daemon=True).start()
+
+    def wake(self) -> None:
+        """Tell the output thread that a partial line waits (it sends it after ``_FLUSH_INTERVAL``)."""
+        with contextlib.suppress(OSError):  # full: it is awake already
+            os.write(self._wake_write, b"\0")
+
+    def begin(self) -> None:
+        """A cell starts: what was written since the last one is discarded, the caps start again."""
+        self.flush_streams()
+        with self._channel.lock:
+            self._drain()
+            self._decoders = {name: _decoder() for name in STREAMS}
+            self.used = dict.fromkeys(STREAMS, 0)
+            self.dropped = dict.fromkeys(STREAMS, 0)
+            self._active = True
+
+    def end(self) -> dict[str, int]:
+        """The cell is over: send what it wrote; what it dropped, per stream."""
+        self.flush_streams()
+        with self._channel.lock:
+            self._drain()
+            for name, decoder in self._decoders.items():
+                self._emit(name, decoder.decode(b"", final=True))
+            self._active = False
+        return {name: count for name, count in self.dropped.items() if count}
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Send a display, result or error of the running cell after everything written before it."""
+        self.flush_streams()
+        with self._channel.lock:
+            self._drain()
+            if self._active:
+                self._channel.send(message)
+
+    def flush_streams(self) -> None:
+        """Write out the Python-level buffers (``sys.stdout`` may have been rebound: ours, not the current one)."""
+        for stream in self.streams.values():
+            stream.write_out()
+
+    def forward(self, name: str) -> None:
+        """Send what waits in the pipe of stream ``name`` now."""
+        with self._channel.lock:
+            self._drain(only=name)
+
+    def _drain(self, only: str | None = None) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked child: the pipes are its parent's to read
+        for fd, name in self._names.items():
+            if only is not None and name != only:
+                continue
+            for _ in range(_DRAIN_READS):
+                if not self._forward(fd):
+                    break
+
+    def _forward(self, fd: int) -> bool:
+        """Read once from ``fd`` and send it; False when nothing was there. Takes the channel's lock."""
+        with self._channel.lock:
+            try:
+                data = os.read(fd, _READ_BYTES)
+            except OSError:  # BlockingIOError: another reader took it
+                return False
+            if not data:
+                return False
+            name = self._names[fd]
+            self._emit(name, self._decoders[name].decode(data))
+            return True
+
+    def _emit(self, name: str, text: str) -> None:
+        """Send ``text`` of stream ``name`` within the cap (the caller holds the channel's lock)."""
+        if not text or not self._active:
+            return
+        size = utf8_len(text)
+        if self.dropped[name]:
+            self.dropped[name] += size  # once something was dropped nothing more is kept: a prefix
+            return
+        room = self._cap - self.used[name]
+        if size > room:
+            text = cut_utf8(text, max(room, 0))
+            kept = utf8_len(text)
+            self.dropped[name] += size - kept
+            size = kept
+        self.used[name] += size
+        if text:
+            self._channel.send({"type": "stream", "name": name, "text": text})
+
+    def _pump(self) -> None:
+        poller = select.poll()
+        for fd in (*self._names, self._wake_read):
+            poller.register(fd, select.POLLIN)
+        flush_at: float | None = None
+        while True:
+            timeout = None if flush_at is None else max(0.0, flush_at - time.monotonic()) * 1000
+            for fd, _ in poller.poll(timeout):
+                if fd == self._wake_read:
+                    while True:
+                        try:
+                            if not os.read(fd, 4096):
+                                break
+                        except OSError:
+                            break
+                else:
+                    self._forward(fd)
+            pending = any(stream.pending for stream in self.streams.values())
+            if not pending:
+                flush_at = None
+            elif flush_at is None:
+                flush_at = time.monotonic() + _FLUSH_INTERVAL
+            elif time.monotonic() >= flush_at:
+                flush_at = None
+                self._flush_partial_lines()
+
+    def _flush_partial_lines(self) -> None:
+        # Sent straight from the buffer, never written to the pipe by this thread: it is the pipe's only
+        # reader, and a full pipe would block it for good.
+        for name, stream in self.streams.items():
+            with self._channel.lock:
+                self._drain(only=name)
+                self._emit(name, stream.take())
+
+
+def _decoder() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")

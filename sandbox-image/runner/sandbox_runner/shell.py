@@ -1,0 +1,273 @@
+"""IPython's ``InteractiveShell`` as the interpreter runs it: Jupyter's behaviour without Jupyter's messaging.
+
+What ipykernel's ``ZMQInteractiveShell`` changes in IPython is done here the same way, so that a cell
+shows what it shows in a Jupyter kernel: displays and results as MIME bundles, tracebacks as error
+outputs, ``input()`` refused, pager output dropped, the environment variables ipykernel sets. What
+differs on purpose is listed in PROTOCOL.md ("Interpreter"). Shell escapes (``!cmd``) write straight
+into the captured file descriptors, and the shell's children run at the lowest priority.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import getpass
+import importlib.util
+import os
+import signal
+import subprocess
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any, Final
+
+from IPython.core import page
+from IPython.core.displayhook import DisplayHook
+from IPython.core.displaypub import DisplayPublisher
+from IPython.core.error import StdinNotImplementedError, UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from traitlets import CBool, Type
+from traitlets.config import Config
+
+from .capture import Capture
+
+# Processes the interpreter starts run below it (and far below the runner): a busy background process
+# can starve neither the cell that started it nor the interrupt that stops it.
+CHILD_NICE: Final = 19
+# A KeyboardInterrupt during a shell escape gives the command this long to stop after SIGINT.
+_ESCAPE_GRACE: Final = 1.0
+
+
+class _DisplayHook(DisplayHook):
+    """The last expression's value as an ``execute_result``."""
+
+    def start_displayhook(self) -> None:
+        super().start_displayhook()  # type: ignore[no-untyped-call]
+        self._data: dict[str, Any] | None = None
+
+    def write_output_prompt(self) -> None:
+        pass
+
+    def write_format_data(self, format_dict: dict[str, Any], md_dict: Any = None) -> None:
+        self._data = format_dict
+
+    def finish_displayhook(self) -> None:
+        if self._data:
+            result = {"type": "execute_result", "data": self._data, "execution_count": self.prompt_count}
+            assert isinstance(self.shell, LeanShell)
+            self.shell.capture.send(result)
+        self._is_active = False
+
+
+class _DisplayPublisher(DisplayPublisher):
+    """``display()``, figures and ``clear_output()`` as outputs."""
+
+    def publish(
+        self,
+        data: dict[str, Any],
+        metadata: Any = None,
+        source: Any = None,
+        *,
+        transient: Any = None,
+        update: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.shell.capture.send({"type": "update_display_data" if update else "display_data", "data": data})
+
+    def clear_output(self, wait: bool = False) -> None:
+        self.shell.capture.send({"type": "clear_output", "wait": bool(wait)})
+
+
+class LeanShell(InteractiveShell):
+    """The shell of the interpreter process."""
+
+    displayhook_class = Type(_DisplayHook)
+    display_pub_class = Type(_DisplayPublisher)
+    # As in ipykernel: no terminal, so no readline and no auto-indent.
+    readline_use = CBool(False)
+    autoindent = CBool(False)
+    # Where outputs go; set by build() before any cell runs.
+    capture: Capture
+
+    def init_environment(self) -> None:
+        # ipykernel's: colour for tools that look at the terminal, and no pagers (nothing could page).
+        os.environ.update(TERM="xterm-color", CLICOLOR="1", FORCE_COLOR="1", CLICOLOR_FORCE="1")
+        os.environ.update(PAGER="cat", GIT_PAGER="cat")
+
+    def init_hooks(self) -> None:
+        super().init_hooks()  # type: ignore[no-untyped-call]
+        # ipykernel sends pager text (``obj?``) as a payload that TCI never returned: drop it the same way.
+        self.set_hook("show_in_pager", page.as_hook(_drop_page), 99)  # type: ignore[no-untyped-call]
+
+    def enable_gui(self, gui: str | None = None) -> None:
+        if gui not in (None, "inline"):
+            raise UsageError(f"GUI event loop {gui!r} is not available: the sandbox has no display")
+
+    def ask_exit(self) -> None:
+        """``exit()`` / ``quit()``: the interpreter ends after this cell (the runner starts a new one)."""
+        self.exit_now = True
+
+    def _showtraceback(self, etype: type[BaseException], evalue: BaseException, stb: list[str]) -> None:
+        self.capture.send({"type": "error", "ename": etype.__name__, "evalue": str(evalue), "traceback": stb})
+        self._last_traceback = stb
+
+    def system_piped(self, cmd: str) -> None:
+        """``!cmd``: a shell whose output goes straight into the captured descriptors.
+
+        The command is over when the shell exits, even if what it put in the background (``!server &``)
+        still writes: that goes on into the pipes, and the runner stops it when the execute ends.
+        """
+        # depth=1: names in the cell's frame (a function's locals) expand as in ipykernel's own method.
+        self.capture.flush_streams()  # what the cell printed comes first
+        exit_code = run_shell(self.var_expand(cmd, depth=1))  # type: ignore[no-untyped-call]
+        self.user_ns["_exit_code"] = exit_code
+        if getattr(self, "system_raise_on_error", False) and exit_code != 0:
+            raise subprocess.CalledProcessError(exit_code, cmd)
+
+    system = system_piped
+
+
+def build(capture: Capture) -> LeanShell:
+    """The shell, configured as ipykernel configures its own, sending its outputs to ``capture``."""
+    config = Config()
+    config.HistoryManager.enabled = False
+    config.Completer.use_jedi = False
+    config.InteractiveShell.colors = "nocolor"
+    # Cells are named by ipykernel's compiler; finding the temporary directory it names them after
+    # writes a probe file there, so an interpreter restarted while /tmp is full could run no cell.
+    with contextlib.suppress(FileNotFoundError):
+        tempfile.gettempdir()
+    tempfile.tempdir = tempfile.tempdir or "/tmp"
+    compiler = _jupyter_compiler()
+    shell = LeanShell.instance(config=config, **({"compiler_class": compiler} if compiler else {}))
+    shell.capture = capture
+    builtins.input = _no_input
+    getpass.getpass = _no_getpass
+    _track_children(shell)
+    return shell
+
+
+def _jupyter_compiler() -> type | None:
+    """ipykernel's cell compiler, loaded without the ipykernel package (whose import takes half a second).
+
+    Cells compiled under Jupyter's names (``/tmp/ipykernel_<pid>/<hash>.py``) give the same tracebacks
+    and warning locations as in a Jupyter kernel. None when ipykernel is not installed.
+    """
+    spec = importlib.util.find_spec("ipykernel")
+    if spec is None or spec.origin is None:
+        return None
+    source = Path(spec.origin).with_name("compiler.py")
+    module_spec = importlib.util.spec_from_file_location("_tci_ipykernel_compiler", source)
+    if module_spec is None or module_spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception:  # noqa: BLE001 - an ipykernel without it: IPython's own names
+        return None
+    compiler = getattr(module, "XCachingCompiler", None)
+    return compiler if isinstance(compiler, type) else None
+
+
+def run_shell(cmd: str) -> int:
+    """Run ``cmd`` with ``/bin/sh`` in a session of its own; its exit status."""
+    proc = subprocess.Popen(  # noqa: S602 - a shell escape is a shell command by definition
+        cmd,
+        shell=True,
+        executable="/bin/sh",
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        # Lowered before exec (one system call, so safe beside the output thread): a quick command
+        # would otherwise have run, or forked, before the Popen hook lowers it.
+        preexec_fn=lower_priority,
+    )
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=_ESCAPE_GRACE)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise
+
+
+def lower_priority() -> None:
+    """Run the calling process at ``CHILD_NICE``."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, CHILD_NICE)
+
+
+def _drop_page(*_: Any, **__: Any) -> None:
+    pass
+
+
+def _no_input(prompt: object = "") -> str:
+    __tracebackhide__ = True  # the caller's line is the one that matters
+    raise StdinNotImplementedError("raw_input was called, but this frontend does not support input requests.")
+
+
+def _no_getpass(prompt: str = "Password: ", stream: Any = None) -> str:
+    __tracebackhide__ = True
+    raise StdinNotImplementedError("getpass was called, but this frontend does not support input requests.")
+
+
+# Process handles user code still holds: their exit status is theirs to collect.
+_handles: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _track_handles(cls: Any) -> None:
+    original = cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        _handles.add(self)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, self.pid, CHILD_NICE)
+
+    cls.__init__ = __init__
+
+
+def _reap_children(*_: Any) -> None:
+    """Collect children the runner killed after the previous execute (they are zombies until then).
+
+    Every child of the interpreter is killed when its execute ends (the runner's leftover policy), so
+    a zombie child left at the start of the next execute has no one else to wait for it, unless a
+    ``subprocess.Popen`` or ``multiprocessing`` handle still owns it: those report ``-9`` themselves.
+    """
+    try:
+        # One syscall in the common case: no child has exited, so there is nothing to collect.
+        if os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            return
+    except ChildProcessError:
+        return  # no children at all
+    owned = {handle.pid for handle in list(_handles) if getattr(handle, "returncode", None) is None}
+    me = os.getpid()
+    try:
+        entries = list(os.scandir("/proc"))
+    except OSError:
+        return  # no file descriptor to spare: the runner restarts such an interpreter
+    for entry in entries:
+        if not entry.name.isdigit() or int(entry.name) in owned:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        state, ppid = stat[stat.rfind(")") + 2 :].split()[:2]
+        if state == "Z" and int(ppid) == me:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry.name), os.WNOHANG)
+
+
+def _track_children(shell: LeanShell) -> None:
+    import multiprocessing.popen_fork
+
+    os.register_at_fork(after_in_child=lower_priority)
+    _track_handles(subprocess.Popen)
+    _track_handles(multiprocessing.popen_fork.Popen)
+    shell.events.register("pre_execute", _reap_children)
