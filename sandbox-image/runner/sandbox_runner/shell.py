@@ -93,6 +93,8 @@ class LeanShell(InteractiveShell):
         # ipykernel's: colour for tools that look at the terminal, and no pagers (nothing could page).
         os.environ.update(TERM="xterm-color", CLICOLOR="1", FORCE_COLOR="1", CLICOLOR_FORCE="1")
         os.environ.update(PAGER="cat", GIT_PAGER="cat")
+        # Plotly picks its renderer by the shell's class name; this is the one it picks under ipykernel.
+        os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype")
 
     def init_hooks(self) -> None:
         super().init_hooks()  # type: ignore[no-untyped-call]
