@@ -14,9 +14,10 @@ from pathlib import Path
 _TICKS = os.sysconf("SC_CLK_TCK")
 # First match wins: (group, substring of the command line).
 _GROUPS = (
-    # The kernel first: its command line names the runner's package too. "kernel_launcher" matches
-    # both ipykernel's launcher and the runner's own (sandbox_runner.kernel_launcher).
-    ("kernel", "kernel_launcher"),
+    # Before the runner: the interpreter's command line names the runner's package too.
+    ("kernel", "sandbox_runner.interpreter"),
+    # The floor's bare Jupyter kernel (bench/floor.py).
+    ("floor kernel", "ipykernel_launcher"),
     ("runner", "sandbox_runner"),
     ("orchestrator", "-m orchestrator"),
     ("dockerd", "dockerd"),

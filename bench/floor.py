@@ -16,7 +16,9 @@ import json
 import secrets
 import shutil
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,8 @@ from orchestrator.backends import labels
 from orchestrator.backends.docker import load_seccomp_profile
 from orchestrator.backends.docker_spec import container_config
 from orchestrator.settings import Settings
+
+from . import cpu
 
 _CONTAINER_DIR = "/conn"
 _CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
@@ -144,3 +148,44 @@ class FloorKernel:
                 self._container.remove(force=True, v=True)
             self._container = None
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def jupyter_throughput(
+    client: docker.DockerClient, settings: Settings, kernels: int, seconds: float, snippets: tuple[str, ...]
+) -> dict[str, Any]:
+    """Executes per second of ``kernels`` floor kernels, one sequential worker each, for ``seconds``.
+
+    Driven as ``load.throughput`` drives our sessions (the same snippets in turn, only executes that
+    finish inside the window counted), so the two figures compare the kernels, not the drivers.
+    """
+    floors = [FloorKernel(client, settings) for _ in range(kernels)]
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(FloorKernel.start, floors))
+        completed = 0
+        lock = threading.Lock()
+        before = cpu.snapshot()
+        deadline = time.perf_counter() + seconds
+
+        def worker(floor: FloorKernel, offset: int) -> None:
+            nonlocal completed
+            turn = offset
+            while time.perf_counter() < deadline:
+                floor.round_trip(snippets[turn % len(snippets)])
+                turn += 1
+                if time.perf_counter() <= deadline:
+                    with lock:
+                        completed += 1
+
+        with ThreadPoolExecutor(kernels) as pool:
+            list(pool.map(worker, floors, range(kernels)))
+        spent = cpu.cpu_seconds(before, cpu.snapshot())
+    finally:
+        for floor in floors:
+            floor.close()
+    return {
+        "per_second": completed / seconds,
+        "completed": completed,
+        "seconds": seconds,
+        "cpu_ms_per_execute": {group: 1000 * value / max(completed, 1) for group, value in spent.items()},
+    }

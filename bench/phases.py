@@ -14,7 +14,7 @@ from orchestrator.backends.docker import DockerBackend
 from . import cpu, load, packages, peer
 from .api import WarmSession, new_session_latencies
 from .context import Context, figure
-from .floor import FloorKernel
+from .floor import FloorKernel, jupyter_throughput
 from .memory import idle_session_memory
 from .progress import say
 from .runner import RunnerSandbox, kernel_starts
@@ -74,8 +74,15 @@ async def latencies(ctx: Context, server: Server) -> None:
         await asyncio.to_thread(server.wait_pool_full)
         session = warm
 
+        floor_cpu = {"seconds": 0.0, "executes": 0}
+
         async def floor_block(count: int) -> list[float]:
-            return await asyncio.to_thread(floor.measure, count)
+            # The floor kernel's own CPU per execute: the yardstick of the service's (figure 5b).
+            before = cpu.snapshot()
+            values = await asyncio.to_thread(floor.measure, count)
+            floor_cpu["seconds"] += cpu.cpu_seconds(before, cpu.snapshot()).get("floor kernel", 0.0)
+            floor_cpu["executes"] += count
+            return values
 
         async def http_block(count: int) -> list[float]:
             return await asyncio.to_thread(session.measure, count)
@@ -88,6 +95,7 @@ async def latencies(ctx: Context, server: Server) -> None:
         for measure in measures.values():
             await measure(plan.latency_warmup)
         sandbox.inside_ms.clear()
+        floor_cpu.update(seconds=0.0, executes=0)
         samples: dict[str, list[float]] = {name: [] for name in measures}
         names = list(measures)
         for block in range(plan.latency_blocks):
@@ -100,6 +108,7 @@ async def latencies(ctx: Context, server: Server) -> None:
             ctx.figures[name] = figure(values, "ms", 1000)
         ctx.figures["runner_inside"] = figure(sandbox.inside_ms, "ms")
         ctx.figures["floor_start_seconds"] = floor.start_seconds
+        ctx.figures["floor_kernel_cpu_ms"] = 1000 * floor_cpu["seconds"] / max(floor_cpu["executes"], 1)
     finally:
         if warm is not None:
             await asyncio.to_thread(warm.close)
@@ -155,6 +164,12 @@ async def scale(ctx: Context) -> None:
         say(f"throughput at {level} sessions: {result.per_second:.1f} exec/s, errors {dict(result.errors)}")
     await load.close_sessions(server, live)
     ctx.stop_server(server)
+    level = max(plan.throughput_levels)
+    say(f"throughput of {level} raw Jupyter kernels, driven the same way")
+    ctx.figures["jupyter_throughput"] = await asyncio.to_thread(
+        jupyter_throughput, ctx.docker, ctx.settings("floor"), level, plan.throughput_seconds, load.SNIPPETS
+    )
+    say(f"raw Jupyter kernels at {level}: {ctx.figures['jupyter_throughput']['per_second']:.1f} exec/s")
 
 
 def peers(ctx: Context) -> None:

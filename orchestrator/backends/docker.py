@@ -16,7 +16,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from importlib import resources
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import anyio
 import docker
@@ -40,6 +40,8 @@ T = TypeVar("T")
 
 # Docker's multiplexed attach stream: 1 byte stream type, 3 zero bytes, 4-byte big-endian length.
 _MUX_HEADER = struct.Struct(">BxxxI")
+# How long a cold start waits for its failed first attempt's container to give up the session's name.
+_NAME_FREE_SECONDS = 10.0
 _STDOUT = 1
 
 
@@ -156,7 +158,7 @@ class DockerBackend:
             packages=self._settings.packages if self._gate is not None else None,
         )
         try:
-            container = await self._call(self.client.containers.create, **config)
+            container = await self._call(self._create_container, config, claimed=claim is not None)
         except BaseException:
             if self._sockets is not None and key is not None:
                 await self._sockets.close(key)
@@ -166,6 +168,23 @@ class DockerBackend:
         return SandboxInfo(
             sandbox_id=container.id, name=name, running=False, created_at=now, profile=self._profile, claim=claim
         )
+
+    def _create_container(self, config: dict[str, Any], *, claimed: bool) -> Any:
+        """``containers.create``; a claimed name still held by an earlier attempt is freed first.
+
+        A claimed name is its session's own, so the only other holder can be this control plane's
+        failed first attempt at starting that session, whose removal may still be under way.
+        """
+        deadline = time.monotonic() + _NAME_FREE_SECONDS
+        while True:
+            try:
+                return self.client.containers.create(**config)
+            except docker.errors.APIError as exc:
+                if not claimed or exc.status_code != 409 or time.monotonic() > deadline:
+                    raise
+            with contextlib.suppress(docker.errors.APIError):  # gone, or removal already in progress
+                self.client.api.remove_container(config["name"], force=True, v=True)
+            time.sleep(0.1)  # a worker thread, never the event loop
 
     async def start_sandbox(self, sandbox_id: str) -> None:
         """The second half of ``create``; a container that does not start is removed."""

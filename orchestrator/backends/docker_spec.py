@@ -16,6 +16,15 @@ HOME = "/home/sandbox"
 CHANNEL_DIR = "/run/tci-runner"
 
 
+# Bounds for the drivers that write the runner's log to the host's disk. "local" compresses rotated
+# files by default, which the engine refuses with a single file; drivers that ship logs elsewhere
+# take no size options.
+_LOG_LIMITS: dict[str, dict[str, str]] = {
+    "json-file": {"max-size": "1m", "max-file": "1"},
+    "local": {"max-size": "1m", "max-file": "1", "compress": "false"},
+}
+
+
 def _tmpfs(size: int, *, owned: bool) -> str:
     # noexec stays off: native extensions pip installs into the home dir must be loadable.
     options = f"rw,nosuid,nodev,exec,size={size}"
@@ -111,9 +120,7 @@ def container_config(
         ],
         "ipc_mode": "private",
         "shm_size": 64 * 1024 * 1024,
-        "log_config": {"Type": sandbox.log_driver, "Config": {}}
-        if sandbox.log_driver == "none"
-        else {"Type": sandbox.log_driver, "Config": {"max-size": "1m", "max-file": "1"}},
+        "log_config": {"Type": sandbox.log_driver, "Config": _LOG_LIMITS.get(sandbox.log_driver, {})},
         "restart_policy": {"Name": "no"},
         # Only in a container: the ``run`` op restores these after each run (never a host's /tmp).
         "environment": runner_environment(sandbox),

@@ -379,10 +379,9 @@ async def test_runner_dials_the_socket_and_dials_again_after_a_restart(tmp_path:
             result = await third.request("execute", {"code": "print(x + 1)", "timeout": 10}, timeout=30)
             assert result["outputs"] == [{"type": "stdout", "data": "42\n"}], "state survives a reconnect"
             kernel_pid = (await third.request("stats", {}, timeout=10))["kernel_pid"]
-            assert list(kernel_tmp.iterdir()), "the kernel's connection files live in TMPDIR"
             await third.close()
             await restarted.close("k")
-        # The runner was stopped with SIGTERM: it shut its kernel down and removed the kernel's files.
+        # The runner was stopped with SIGTERM: it shut its kernel down, which left no files behind.
         with pytest.raises(ProcessLookupError):
             os.kill(kernel_pid, 0)
         assert not list(kernel_tmp.iterdir())

@@ -58,7 +58,10 @@ def test_output_caps_reach_the_runner():
 
 def test_log_driver_is_bounded():
     assert build()["log_config"] == {"Type": "none", "Config": {}}
-    assert build(log_driver="local")["log_config"]["Config"] == {"max-size": "1m", "max-file": "1"}
+    assert build(log_driver="json-file")["log_config"]["Config"] == {"max-size": "1m", "max-file": "1"}
+    # The engine refuses "local" with one file unless compression is off.
+    assert build(log_driver="local")["log_config"]["Config"] == {"max-size": "1m", "max-file": "1", "compress": "false"}
+    assert build(log_driver="journald")["log_config"] == {"Type": "journald", "Config": {}}
 
 
 def test_profile_key_changes_with_limits():
