@@ -112,3 +112,86 @@ async def test_memory_bomb_in_a_child_process(start_runner):
         # Killed with the old kernel, before the new one started, not only by the sweep after the reply.
         assert not runner.pid_alive(bomb_pid)
         await assert_fresh_kernel(runner, pid)
+
+
+# The interpreter's socket to the runner is the lowest free descriptor it inherited; user code can find it.
+_FIND_SOCKET = """
+import os, socket, stat
+sock_fd = next(
+    fd for fd in range(3, 64)
+    if os.path.exists(f"/proc/self/fd/{fd}") and stat.S_ISSOCK(os.fstat(fd).st_mode)
+)
+"""
+
+
+@pytest.mark.parametrize(
+    ("code", "cause"),
+    [
+        pytest.param("os.write(sock_fd, b'\\x7f\\xff\\xff\\xffnot a frame')", "unreadable message", id="garbage"),
+        pytest.param("os.write(sock_fd, b'\\x00\\x00\\x00\\x03abc')", "unreadable message", id="not-json"),
+        pytest.param("socket.socket(fileno=sock_fd).shutdown(socket.SHUT_RDWR)", "connection", id="shutdown"),
+    ],
+)
+async def test_user_code_that_breaks_the_interpreters_socket_costs_only_its_state(fresh_runner, code, cause):
+    runner = fresh_runner
+    assert (await runner.execute("doomed = 1")).outcome == "ok"
+    pid = (await runner.stats())["kernel_pid"]
+    result = await runner.execute(_FIND_SOCKET + code + "\nimport time\ntime.sleep(5)")
+    assert result.outcome == "kernel_died"
+    assert result.result["state_lost"] is True
+    (error,) = result.of("error")
+    assert cause in error
+    await assert_fresh_kernel(runner, pid)
+
+
+async def test_a_forged_done_frame_is_ignored(fresh_runner):
+    runner = fresh_runner
+    code = _FIND_SOCKET + (
+        "import json, struct\n"
+        "body = json.dumps({'type': 'done', 'cell': 999, 'execution_count': 1, 'dropped': {}, 'exit': False}).encode()\n"
+        "os.write(sock_fd, struct.pack('>I', len(body)) + body)\n"
+        "print('still running')"
+    )
+    result = await runner.execute(code)
+    assert result.outcome == "ok"
+    assert result.text("stdout") == "still running\n"
+    assert result.result["state_lost"] is False
+
+
+async def test_exit_restarts_the_interpreter_and_says_so(fresh_runner):
+    runner = fresh_runner
+    assert (await runner.execute("doomed = 1")).outcome == "ok"
+    pid = (await runner.stats())["kernel_pid"]
+    result = await runner.execute("print('bye')\nexit()")
+    assert result.outcome == "ok"
+    assert result.text("stdout") == "bye\n"
+    assert result.result["state_lost"] is True
+    await assert_fresh_kernel(runner, pid)
+
+
+async def test_closed_standard_descriptors_come_back_at_the_next_execute(fresh_runner):
+    runner = fresh_runner
+    closed = await runner.execute("import os\nkept = 1\nos.close(1)\nos.close(2)")
+    assert closed.outcome == "ok"
+    after = await runner.execute("import subprocess\nprint(kept)\nsubprocess.run(['echo', 'child'])")
+    assert after.outcome == "ok"
+    assert after.text("stdout") == "1\nchild\n"
+
+
+async def test_a_forked_child_never_writes_on_the_interpreters_socket(fresh_runner):
+    runner = fresh_runner
+    code = (
+        "import os\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    print('child', flush=True)\n"
+        "    display({'image/png': 'x' * 100000}, raw=True)\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "print('parent')"
+    )
+    result = await runner.execute(code)
+    assert result.outcome == "ok", result.outputs
+    assert result.result["state_lost"] is False
+    assert result.text("stdout") == "child\nparent\n"
+    assert (await runner.execute("print(6 * 7)")).text("stdout") == "42\n"

@@ -1,10 +1,10 @@
 """The interpreter's output: file descriptors 1 and 2 are pipes it reads itself, in a thread of its own.
 
-Python's ``sys.stdout``/``sys.stderr`` write into the same pipes (line-buffered), so what a cell prints
-and what its subprocesses, C code and ``os.write`` calls write reach the runner as one ordered byte
-stream per file descriptor. Before a display, an error or the end of a cell, both pipes are drained
-under the channel's lock, so outputs keep the order the cell produced them in. The stream caps are
-applied here, where the bytes are read: past the cap nothing more of that stream is sent.
+What subprocesses, C code and ``os.write`` calls write goes into the pipes; what Python prints goes
+through ``sys.stdout``/``sys.stderr`` (line-buffered), which send it themselves from the printing
+thread, after whatever is already in that stream's pipe: no thread hand-off on the common path. Before
+a display, an error or the end of a cell, both pipes are drained under the channel's lock, so outputs
+keep the order the cell produced them in. The stream caps are applied here, before anything is sent.
 """
 
 from __future__ import annotations
@@ -23,15 +23,19 @@ from .outputs import STREAMS, cut_utf8, utf8_len
 
 # A partial line (``print(x, end="")``) is sent after at most this long; ipykernel waits 0.2 s.
 _FLUSH_INTERVAL: Final = 0.05
-# Python-level text is written to the pipe at a newline or once this many characters wait.
+# Python-level text is sent at a newline or once this many characters wait.
 _BUFFER_CHARS: Final = 8192
+# Lines printed faster than this after the last send wait for more (a print loop), at most
+# _FLUSH_INTERVAL; an explicit flush() sends at once.
+_COALESCE_SECONDS: Final = 0.001
 _READ_BYTES: Final = 65536
 # Reads of a pipe when it is drained; bounds the wait for a writer that never stops.
 _DRAIN_READS: Final = 64
 
 
 class OutputStream(io.TextIOBase):
-    """``sys.stdout`` or ``sys.stderr``: text buffered up to a newline, then written to the file descriptor."""
+    """``sys.stdout`` or ``sys.stderr``: text buffered up to a newline, then sent (in a forked child: written
+    to the file descriptor, for the parent to read)."""
 
     def __init__(self, fd: int, name: str, capture: Capture) -> None:
         super().__init__()
@@ -41,6 +45,8 @@ class OutputStream(io.TextIOBase):
         self._lock = threading.Lock()
         self._parts: list[str] = []
         self._size = 0
+        self._sent_at = 0.0
+        self._owner = os.getpid()
         os.register_at_fork(after_in_child=self._forget)
 
     @property
@@ -73,20 +79,20 @@ class OutputStream(io.TextIOBase):
             first = not self._parts
             self._parts.append(text)
             self._size += len(text)
-            if "\n" in text or self._size >= _BUFFER_CHARS:
+            if self._size >= _BUFFER_CHARS or ("\n" in text and time.monotonic() - self._sent_at >= _COALESCE_SECONDS):
                 self._write_out()
                 return len(text)
         if first:
-            self._capture.wake()
+            self._capture.wake()  # the output thread sends what is left waiting
         return len(text)
 
     def flush(self) -> None:
-        """Write out the buffer and send what waits in the pipe: an explicit flush keeps the order of streams."""
+        """Send the buffer and what waits in the pipe: an explicit flush keeps the order of streams."""
         self.write_out()
         self._capture.forward(self._name)
 
     def write_out(self) -> None:
-        """Write the buffered text into the pipe."""
+        """Send the buffered text."""
         with self._lock:
             self._write_out()
 
@@ -110,10 +116,15 @@ class OutputStream(io.TextIOBase):
     def _write_out(self) -> None:
         if not self._parts:
             return
-        data = memoryview("".join(self._parts).encode("utf-8", errors="replace"))
+        text = "".join(self._parts)
         self._parts.clear()
         self._size = 0
-        # Blocks while the pipe is full, until the output thread has read it: never under the channel's lock.
+        if os.getpid() == self._owner:
+            self._sent_at = time.monotonic()
+            self._capture.send_text(self._name, text)
+            return
+        # A forked child: through the pipe, which its parent reads (blocking while the pipe is full).
+        data = memoryview(text.encode("utf-8", errors="replace"))
         while data:
             data = data[os.write(self._fd, data) :]
 
@@ -131,10 +142,13 @@ class Capture:
         self._channel = channel
         self._cap = max_stream_bytes
         self._names: dict[int, str] = {}
+        # Spare copies of the write ends (not inherited): user code that closes fd 1 or 2 gets them back
+        # at the next cell.
+        self._spares: dict[int, int] = {}
         for fd, name in zip((1, 2), STREAMS, strict=True):
             read_end, write_end = os.pipe()
             os.dup2(write_end, fd)  # inheritable: subprocesses write into the same pipe
-            os.close(write_end)
+            self._spares[fd] = write_end
             os.set_blocking(read_end, False)
             self._names[read_end] = name
         self._wake_read, self._wake_write = os.pipe()
@@ -143,18 +157,28 @@ class Capture:
         self.streams = {name: OutputStream(fd, name, self) for fd, name in zip((1, 2), STREAMS, strict=True)}
         self._decoders = {name: _decoder() for name in STREAMS}
         self._active = False
+        self._pump_sleeping = False
         self._pid = os.getpid()
         self.used = dict.fromkeys(STREAMS, 0)
         self.dropped = dict.fromkeys(STREAMS, 0)
         threading.Thread(target=self._pump, name="tci-output", daemon=True).start()
 
     def wake(self) -> None:
-        """Tell the output thread that a partial line waits (it sends it after ``_FLUSH_INTERVAL``)."""
-        with contextlib.suppress(OSError):  # full: it is awake already
-            os.write(self._wake_write, b"\0")
+        """Tell the output thread that text waits (it sends it after ``_FLUSH_INTERVAL``) if it sleeps."""
+        if self._pump_sleeping:
+            self._pump_sleeping = False
+            with contextlib.suppress(OSError):  # full: it is awake already
+                os.write(self._wake_write, b"\0")
+
+    def send_text(self, name: str, text: str) -> None:
+        """Send Python-level text of stream ``name``, after what waits in its pipe."""
+        with self._channel.lock:
+            self._drain(only=name)
+            self._emit(name, text)
 
     def begin(self) -> None:
         """A cell starts: what was written since the last one is discarded, the caps start again."""
+        self._restore_descriptors()
         self.flush_streams()
         with self._channel.lock:
             self._drain()
@@ -162,6 +186,15 @@ class Capture:
             self.used = dict.fromkeys(STREAMS, 0)
             self.dropped = dict.fromkeys(STREAMS, 0)
             self._active = True
+
+    def _restore_descriptors(self) -> None:
+        for fd, spare in self._spares.items():
+            try:
+                same = os.path.sameopenfile(fd, spare)
+            except OSError:
+                same = False
+            if not same:
+                os.dup2(spare, fd)
 
     def end(self) -> dict[str, int]:
         """The cell is over: send what it wrote; what it dropped, per stream."""
@@ -233,12 +266,22 @@ class Capture:
             self._channel.send({"type": "stream", "name": name, "text": text})
 
     def _pump(self) -> None:
+        while True:
+            try:
+                self._pump_until_error()
+            except Exception:  # noqa: BLE001, S112 - the cell must never block on a pipe nobody reads
+                continue
+
+    def _pump_until_error(self) -> None:
         poller = select.poll()
         for fd in (*self._names, self._wake_read):
             poller.register(fd, select.POLLIN)
         flush_at: float | None = None
         while True:
             timeout = None if flush_at is None else max(0.0, flush_at - time.monotonic()) * 1000
+            self._pump_sleeping = flush_at is None
+            if self._pump_sleeping and any(stream.pending for stream in self.streams.values()):
+                self._pump_sleeping, timeout = False, 0  # text came while it was awake
             for fd, _ in poller.poll(timeout):
                 if fd == self._wake_read:
                     while True:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
 import threading
 from typing import Any
@@ -34,9 +35,19 @@ class InterpreterChannel:
         body = encode(message)
         if len(body) > self.max_frame_bytes:
             body = encode(oversized(message, len(body), self.max_frame_bytes))
+        frame = HEADER.pack(len(body)) + body
         with self.lock:
-            if self._sock is not None:
-                self._sock.sendall(HEADER.pack(len(body)) + body)
+            if self._sock is None:
+                return
+            # An interrupt landing mid-frame would leave half a frame on the stream (the runner would then
+            # have to restart the interpreter): SIGINT waits until the frame is out.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                self._sock.sendall(frame)
+            except OSError:
+                self._sock = None  # the runner has gone: receive() ends the interpreter
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def receive(self) -> dict[str, Any] | None:
         """The next request, or None once the runner has gone (or sent something unreadable)."""

@@ -105,7 +105,8 @@ class Containment:
     async def finish(self, kernel_pid: int | None) -> str | None:
         """Stop what is still running besides the kernel; the note that says what was stopped, if anything."""
         keep = {kernel_pid} if kernel_pid is not None else set()
-        table = procs.process_table()
+        # Nothing else runs (the common case) costs one listing of /proc instead of a full table.
+        table = {} if procs.only({1, os.getpid(), os.getppid(), *keep}) else procs.process_table()
         if any(table[pid].live for pid in procs.descendants(os.getpid(), table) if pid not in keep):
             left = procs.stop_leftovers(keep, hold=kernel_pid)
             loop = asyncio.get_running_loop()

@@ -61,6 +61,21 @@ class Proc:
         return self.state not in {"Z", "X", "x"}
 
 
+def _read(path: str | Path) -> str:
+    """A small file's text (``open`` directly: pathlib's own overhead is most of a /proc read)."""
+    with open(path) as handle:
+        return handle.read()
+
+
+def only(known: set[int]) -> bool:
+    """Whether this pid namespace shows no process but ``known`` (one directory read, no file opened).
+
+    In a container the namespace holds the init, the runner and the kernel, so "nothing else runs"
+    costs one listing instead of a full ``process_table``.
+    """
+    return all(not name.isdigit() or int(name) in known for name in os.listdir("/proc"))
+
+
 def process_table() -> dict[int, Proc]:
     """Every process this pid namespace shows in /proc."""
     table: dict[int, Proc] = {}
@@ -68,7 +83,7 @@ def process_table() -> dict[int, Proc]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = Path(entry.path, "stat").read_text()
+            stat = _read(f"{entry.path}/stat")
         except OSError:
             continue
         # The command name may hold spaces and parentheses; fields resume after the last ')'.
@@ -249,7 +264,7 @@ def tree_memory_exceeds(root: int, limit: int) -> bool:
 
 def _read_int(path: Path) -> int | None:
     try:
-        text = path.read_text().strip()
+        text = _read(path).strip()
     except OSError:
         return None
     return None if text == "max" else int(text)
@@ -274,16 +289,27 @@ def cgroup_memory_usage() -> int | None:
     return None
 
 
+@functools.cache
+def _oom_events() -> Path | None:
+    """The file that counts OOM kills (cgroup v2 or v1); looked up once, it is read after every execute."""
+    return next(
+        (path for path in (_CGROUP / "memory.events", _CGROUP / "memory" / "memory.oom_control") if path.exists()),
+        None,
+    )
+
+
 def oom_kill_count() -> int:
     """How many processes the kernel's OOM killer has killed in this cgroup so far."""
-    for path in (_CGROUP / "memory.events", _CGROUP / "memory" / "memory.oom_control"):
-        try:
-            for line in path.read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-        except (OSError, ValueError):
-            continue
+    path = _oom_events()
+    if path is None:
+        return 0
+    try:
+        for line in _read(path).splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        pass
     return 0
 
 
