@@ -396,7 +396,15 @@ class SessionManager:
         return await self._start_one(claim)
 
     async def _start_one(self, claim: Claim) -> Session:
-        async with self._create_slots:
+        try:
+            async with asyncio.timeout(self._settings.create_wait_seconds):
+                await self._create_slots.acquire()
+        except TimeoutError:
+            self._metrics.admission_rejected.labels(reason="create_queue").inc()
+            raise CapacityExhausted(
+                "new sessions are starting as fast as this server can start them; try again shortly", retry_after=5
+            ) from None
+        try:
             sandbox = await self._backend.create(claim)
             self._starting.add(sandbox.sandbox_id)
             try:
@@ -411,6 +419,8 @@ class SessionManager:
                 raise SandboxStartFailed(f"sandbox did not become ready: {exc}") from exc
             finally:
                 self._starting.discard(sandbox.sandbox_id)
+        finally:
+            self._create_slots.release()
         return Session(claim=claim, sandbox=sandbox, client=client)
 
     async def _run(self, session: Session, job: _Job, *, fresh: bool = False) -> ExecuteResult:

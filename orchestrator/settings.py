@@ -186,6 +186,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * MiB, ge=1024)
     max_concurrent_creates: int = Field(4, ge=1)
     """Containers starting at once; more wait their turn."""
+    create_wait_seconds: float = Field(20, gt=0)
+    """Longest a new session waits for its turn to start a container before 429 (nothing ran): well
+    inside the SDKs' own timeouts, so a client never gives up on a request that later runs its code."""
 
     pool_size: int = Field(2, ge=0)
     """Warm containers kept ready per profile; 0 turns the pool off."""

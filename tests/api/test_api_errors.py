@@ -7,13 +7,19 @@ or sandbox may have appeared, and the victim session's counter and execute count
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from api_support import KEY_A, KEY_B, App, auth, canary, check_error, stdout_of
+from api_support import KEY_A, KEY_B, App, auth, canary, check_error, make_settings, stdout_of
+from fastapi.testclient import TestClient
+
+from orchestrator.app import create_app
+from orchestrator.backends.local import LocalBackend
 
 MiB = 1024 * 1024
 
@@ -184,3 +190,39 @@ def test_unknown_route_uses_the_envelope(app: App) -> None:
     check_error(app.client.get("/tci/nope", headers=auth(KEY_A)), 404, "not_found")
     response = app.client.get("/tci/execute", headers=auth(KEY_A))
     check_error(response, 405, "http_error")
+
+
+def test_a_new_session_that_waits_too_long_for_its_turn_gets_429_and_nothing_runs(tmp_path: Path) -> None:
+    settings = make_settings(max_concurrent_creates=1, create_wait_seconds=0.5)
+    gate, entered = threading.Event(), threading.Event()
+
+    class HeldBackend(LocalBackend):
+        """Its first create waits for the test, so the next new session finds no free turn."""
+
+        async def create(self, claim: Any) -> Any:
+            if not entered.is_set():
+                entered.set()
+                await asyncio.to_thread(gate.wait, 30)
+            return await super().create(claim)
+
+    backend = HeldBackend(settings)
+    with TestClient(create_app(settings, backend=backend)) as client:
+        first: dict[str, Any] = {}
+        held = threading.Thread(
+            target=lambda: first.update(r=client.post("/tci/execute", json={"code": "1"}, headers=auth(KEY_A)))
+        )
+        held.start()
+        assert entered.wait(30), "the first new session never reached its create"
+        marker = tmp_path / "ran"
+        try:
+            refused = client.post(
+                "/tci/execute", json={"code": f"open({str(marker)!r}, 'w').close()"}, headers=auth(KEY_B)
+            )
+        finally:
+            gate.set()
+            held.join(60)
+        check_error(refused, 429, "rate_limit_exceeded", None)
+        assert refused.headers["retry-after"] == "5"
+        assert refused.headers["x-should-retry"] == "true"
+        assert not marker.exists()
+        assert first["r"].status_code == 200, first["r"].text

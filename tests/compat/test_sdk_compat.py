@@ -189,3 +189,17 @@ def test_unknown_session_raises_not_found_once(sdk: SdkRunner, server: Server, c
     assert "session_not_found" in result["message"]
     # Exactly one request: a 404 must not be retried (that would mean running code twice elsewhere).
     check_requests(result, client, base, 1, status=404)
+
+
+@pytest.mark.parametrize("base", base_params("base=v1"))
+def test_a_long_execute_ends_inside_the_2x_sdks_read_timeout(sdk: SdkRunner, server: Server, base: str) -> None:
+    # The client waits 12 s (x-stainless-read-timeout: 12.0); the server keeps 5 s clear of it.
+    result = sdk.run("v2-strict", "read_timeout", server.url + base)
+    response = result["first"]
+    check_response(response, "v2-strict")
+    assert stdout_of(response) == "started\n"
+    errors = [o["data"] for o in response["outputs"] if o["type"] == "error"]
+    assert len(errors) == 1, response["outputs"]
+    assert "exceeded the 7 s time limit" in errors[0]
+    # One request, answered 200: the SDK never timed out, so it never sent the code again.
+    check_requests(result, "v2-strict", base, 1)

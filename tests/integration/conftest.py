@@ -61,8 +61,13 @@ def docker_client() -> Iterator[docker.DockerClient]:
 
 def remove_labelled(client: docker.DockerClient, label: str) -> None:
     for container in client.containers.list(all=True, filters={"label": label}, ignore_removed=True):
-        with contextlib.suppress(docker.errors.NotFound):
+        try:
             container.remove(force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # "removal already in progress": the reaper got there first
+                raise
 
 
 @pytest.fixture

@@ -348,7 +348,13 @@ def test_engine_unreachable_answers_503_before_code_and_recovers_without_restart
         assert httpx.get(f"{deployed.url}/readyz", timeout=10).json()["status"] == "not_ready"
         refused = deployed.post("print('never runs')")
         assert refused.status_code == 503, refused.text
-        assert refused.json()["error"]["type"], refused.text
+        # The documented envelope, and no retry: both SDKs would otherwise retry a 5xx on their own.
+        envelope = refused.json()
+        assert envelope["data"] is None, refused.text
+        assert envelope["error"]["type"], refused.text
+        assert envelope["error"]["code"], refused.text
+        assert envelope["errors"] == [{"code": envelope["error"]["code"], "message": envelope["error"]["message"]}]
+        assert refused.headers["x-should-retry"] == "false"
         # A live session does not need the engine: its runner answers over its own socket.
         kept = deployed.post("print(x)", sid)
         assert kept.status_code == 200, kept.text

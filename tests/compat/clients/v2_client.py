@@ -30,13 +30,18 @@ def _record(response: httpx.Response) -> None:
     )
 
 
-def make_client(strict: bool) -> Together:
+# The read timeout of the "read_timeout" scenario: the SDK sends it as x-stainless-read-timeout.
+READ_TIMEOUT = 12.0
+
+
+def make_client(strict: bool, timeout: float | None = None) -> Together:
     http_client = together.DefaultHttpxClient(event_hooks={"response": [_record]})
     return Together(
         base_url=os.environ["TCI_BASE_URL"],
         api_key=os.environ["TOGETHER_API_KEY"],
         http_client=http_client,
         _strict_response_validation=strict,
+        **({"timeout": timeout} if timeout is not None else {}),
     )
 
 
@@ -59,10 +64,10 @@ def _output(output: Any) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=[*NAMES, "sessions"])
+    parser.add_argument("scenario", choices=[*NAMES, "sessions", "read_timeout"])
     parser.add_argument("--strict", action="store_true")
     args = parser.parse_args()
-    client = make_client(args.strict)
+    client = make_client(args.strict, READ_TIMEOUT if args.scenario == "read_timeout" else None)
 
     def execute(code: str, session_id: str | None = None, files: list[dict[str, str]] | None = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"code": code, "language": "python"}
@@ -110,6 +115,10 @@ def main() -> None:
             "listed_once": listed_once,
             "listed_twice": listed_twice,
         }
+    elif args.scenario == "read_timeout":
+        # Longer than the client waits: the server must stop it first and answer once, or the SDK
+        # times out and sends the code again.
+        result = {"first": execute("import time\nprint('started', flush=True)\ntime.sleep(30)\nprint('late')")}
     else:
         result = run_scenario(args.scenario, execute, together.NotFoundError)
     result["requests"] = REQUESTS
