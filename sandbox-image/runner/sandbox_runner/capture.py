@@ -205,7 +205,7 @@ class Capture:
                 self._channel.send(message)
 
     def flush_streams(self) -> None:
-        """Write out the Python-level buffers (``sys.stdout`` may have been rebound: ours, not the current one)."""
+        """Send the Python-level buffers (``sys.stdout`` may have been rebound: ours, not the current one)."""
         for stream in self.streams.values():
             stream.write_out()
 
