@@ -184,6 +184,7 @@ def jupyter_throughput(
         for floor in floors:
             floor.close()
     return {
+        "kernels": kernels,
         "per_second": completed / seconds,
         "completed": completed,
         "seconds": seconds,

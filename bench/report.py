@@ -221,7 +221,7 @@ def _throughput_rows(figures: dict[str, Any]) -> list[Row]:
     for level, entry in levels:
         errors = entry.get("errors") or {}
         error_text = f"; errors {errors}" if errors else ""
-        is_target = int(level) == 16
+        is_target = int(level) == jupyter.get("kernels", 16)
         ratio = entry["per_second"] / jupyter_rate if jupyter_rate else math.nan
         compared = f"{_num(ratio, 2)}x {level} raw Jupyter kernels ({_num(jupyter_rate, 1)}/s); " if is_target else ""
         rows.append(
@@ -238,7 +238,7 @@ def _throughput_rows(figures: dict[str, Any]) -> list[Row]:
         parts = ", ".join(f"{group} {_num(ms, 2)}" for group, ms in spent.items() if ms >= 0.05)
         rows.append(
             Row(
-                f"5c. Throughput, {max((int(lv) for lv, _ in levels), default=16)} raw Jupyter kernels",
+                f"5c. Throughput, {jupyter.get('kernels', '?')} raw Jupyter kernels",
                 f"{_num(jupyter_rate, 1)} exec/s ({jupyter.get('completed')} in {jupyter.get('seconds'):g} s)",
                 f"CPU ms per execute: {parts}",
             )

@@ -95,14 +95,33 @@ def test_expired_session_is_reaped_within_one_interval(docker_client, run_id, ma
         assert response.json()["error"]["code"] == "session_not_found"
 
 
+def _reaper_passes(api: TestClient) -> float:
+    """Completed reaper passes, from /metrics."""
+    text = api.get("/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('tci_reaper_runs_total{result="ok"}')
+    )
+
+
 def test_stray_containers_are_removed(docker_client, run_id, make_settings):
     settings = make_settings(reaper_interval_seconds=1, orphan_grace_seconds=0)
     stray = docker_client.containers.create(
         IMAGE, name=f"tci.{run_id}.pool.stray", labels=labels.make_labels(run_id, "other", 0, run_id),
         stdin_open=True, network_mode="none",
     )  # fmt: skip
-    with TestClient(create_app(settings)):
+    # Another orchestrator's container on the same engine (its own instance; our test label, for cleanup).
+    foreign = docker_client.containers.create(
+        IMAGE, name=f"tci.{run_id}x.pool.foreign", labels=labels.make_labels(f"{run_id}x", "other", 0, run_id),
+        stdin_open=True, network_mode="none",
+    )  # fmt: skip
+    with TestClient(create_app(settings)) as api:
         wait_for(lambda: stray.id not in {c.id for c in our_containers(docker_client, run_id)}, 15, "stray removal")
+        after = _reaper_passes(api) + 3
+        wait_for(lambda: _reaper_passes(api) >= after, 15, "three more reaper passes")
+    foreign.reload()  # raises NotFound if any pass touched it
+    assert foreign.labels[labels.INSTANCE] == f"{run_id}x"
 
 
 def test_warm_pool_hands_out_ready_containers_and_refills(docker_client, run_id, make_settings):
