@@ -255,3 +255,28 @@ def test_a_session_that_expires_while_its_code_runs_says_so(docker_client, run_i
         assert "SessionExpired" in text_of(data, "error")
         again = client.post("/v1/tci/execute", json={"code": "print(x)", "session_id": sid}, headers=AUTH)
         assert again.status_code == 404
+
+
+def test_frames_forged_on_the_runner_socket_change_nothing(api: Api) -> None:
+    sid = api.run("kept = 1")["session_id"]
+    forge = (
+        "import json, socket, struct\n"
+        "def frame(message):\n"
+        "    body = json.dumps(message).encode()\n"
+        "    return struct.pack('>I', len(body)) + body\n"
+        "forged = {'id': 'x', 'ok': True, 'result': {'outputs': [], 'outcome': 'ok'}}\n"
+        "for payload in (b'\\x7f\\xff\\xff\\xffjunk', frame(forged)):\n"
+        "    s = socket.socket(socket.AF_UNIX)\n"
+        "    s.connect('/run/tci-runner/runner.sock')\n"
+        "    s.sendall(payload)\n"
+        "    s.close()\n"
+        "print('sent')"
+    )
+    sent = api.run(forge, sid)
+    assert sent["outcome"] == "ok", sent
+    assert text_of(sent, "stdout") == "sent\n"
+    for _ in range(3):
+        after = api.run("kept += 1\nprint(kept)", sid)
+        assert after["outcome"] == "ok", after
+    assert text_of(after, "stdout") == "4\n"
+    assert sid in api.session_ids()
