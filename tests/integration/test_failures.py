@@ -24,9 +24,8 @@ from fastapi.testclient import TestClient
 
 from orchestrator.app import create_app
 from orchestrator.backends import labels
-from orchestrator.settings import SandboxSettings, Settings
 
-from .conftest import AUTH, IMAGE, RUN_PREFIX, live_server, remove_labelled, socket_dir, text_of, wait_for
+from .conftest import AUTH, RUN_PREFIX, docker_settings, live_server, remove_labelled, socket_dir, text_of, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -68,17 +67,7 @@ class Api:
 @pytest.fixture(scope="module")
 def api(docker_client: docker.DockerClient) -> Iterator[Api]:
     run_id = RUN_PREFIX + secrets.token_hex(6)
-    settings = Settings(
-        backend="docker",
-        instance=run_id,
-        test_run_label=run_id,
-        pool_size=0,
-        reaper_interval_seconds=3600,
-        log_format="console",
-        max_queued_per_session=1,
-        max_body_bytes=MAX_BODY,
-        sandbox=SandboxSettings(image=IMAGE),
-    )
+    settings = docker_settings(run_id, max_queued_per_session=1, max_body_bytes=MAX_BODY)
     try:
         with live_server(settings) as url:
             client = Api(url, run_id)

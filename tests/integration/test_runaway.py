@@ -18,9 +18,8 @@ from fastapi.testclient import TestClient
 
 from orchestrator.app import create_app
 from orchestrator.backends import labels
-from orchestrator.settings import SandboxSettings, Settings
 
-from .conftest import IMAGE, RUN_PREFIX, execute, remove_labelled, socket_dir, text_of
+from .conftest import RUN_PREFIX, docker_settings, execute, remove_labelled, socket_dir, text_of
 
 pytestmark = pytest.mark.docker
 
@@ -56,16 +55,7 @@ class Session:
 @pytest.fixture(scope="module")
 def session(docker_client: docker.DockerClient) -> Iterator[Session]:
     run_id = RUN_PREFIX + secrets.token_hex(6)
-    settings = Settings(
-        backend="docker",
-        instance=run_id,
-        test_run_label=run_id,
-        pool_size=0,
-        reaper_interval_seconds=3600,
-        log_format="console",
-        execute_timeout_seconds=30,
-        sandbox=SandboxSettings(image=IMAGE, pids=PIDS),
-    )
+    settings = docker_settings(run_id, execute_timeout_seconds=30, sandbox={"pids": PIDS})
     try:
         with TestClient(create_app(settings)) as api:
             yield Session(api)

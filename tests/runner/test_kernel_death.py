@@ -148,7 +148,8 @@ async def test_a_forged_done_frame_is_ignored(fresh_runner):
     runner = fresh_runner
     code = _FIND_SOCKET + (
         "import json, struct\n"
-        "body = json.dumps({'type': 'done', 'cell': 999, 'execution_count': 1, 'dropped': {}, 'exit': False}).encode()\n"
+        "done = {'type': 'done', 'cell': 999, 'execution_count': 1, 'dropped': {}, 'exit': False}\n"
+        "body = json.dumps(done).encode()\n"
         "os.write(sock_fd, struct.pack('>I', len(body)) + body)\n"
         "print('still running')"
     )
