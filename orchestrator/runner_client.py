@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 import struct
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
+import pydantic_core
 import structlog
 from pydantic import BaseModel, Field
 
 from .errors import FileNotFound, InvalidRequest, RequestTooLarge, RunnerFailure
+from .wire import dump_json
 
 log = structlog.get_logger(__name__)
 
@@ -107,13 +108,8 @@ class StreamSink(Protocol):
 
 def encode_frame(message: dict[str, Any]) -> bytes:
     """One length-prefixed JSON frame."""
-    body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8", errors="replace")
+    body = dump_json(message)
     return HEADER.pack(len(body)) + body
-
-
-def _reject_constant(name: str) -> None:
-    # NaN and Infinity are not JSON; a forged frame must not smuggle them into a reply.
-    return None
 
 
 class RunnerClient:
@@ -243,8 +239,9 @@ class RunnerClient:
             raise RunnerFailure(f"{self._name}: frame of {length} bytes exceeds the {self._max_frame}-byte cap")
         body = await self._reader.readexactly(length)
         try:
-            message = json.loads(body.decode("utf-8", errors="replace"), parse_constant=_reject_constant)
-        except json.JSONDecodeError as exc:
+            # NaN and Infinity parse (a display may hold them); the reply encodes them as null.
+            message = pydantic_core.from_json(body)
+        except ValueError as exc:
             raise RunnerFailure(f"{self._name}: frame is not JSON") from exc
         if not isinstance(message, dict):
             raise RunnerFailure(f"{self._name}: frame is not an object")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi.responses import JSONResponse
+
+from ..wire import dump_json
 
 
 class TCIJSONResponse(JSONResponse):
     """JSON that is always valid UTF-8: text from a sandbox may hold lone surrogates."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
-            "utf-8", errors="replace"
-        )
+        return dump_json(content)

@@ -129,6 +129,7 @@ sock_fd = next(
     [
         pytest.param("os.write(sock_fd, b'\\x7f\\xff\\xff\\xffnot a frame')", "unreadable message", id="garbage"),
         pytest.param("os.write(sock_fd, b'\\x00\\x00\\x00\\x03abc')", "unreadable message", id="not-json"),
+        pytest.param("os.write(sock_fd, b'\\x80\\x00\\x00\\x02\\x09x')", "unreadable message", id="no-such-stream"),
         pytest.param("socket.socket(fileno=sock_fd).shutdown(socket.SHUT_RDWR)", "connection", id="shutdown"),
     ],
 )

@@ -18,7 +18,7 @@ import time
 from typing import Any, Final
 
 from .channel import InterpreterChannel
-from .outputs import STREAMS, cut_utf8, utf8_len
+from .outputs import STREAMS, cut_utf8
 
 # While a cell runs, the output thread wakes this often to send a partial line (``print(x, end="")``)
 # that waits; between cells, this less often. Nothing wakes it just for text that waits: printing
@@ -241,19 +241,18 @@ class Capture:
         """Send ``text`` of stream ``name`` within the cap (the caller holds the channel's lock)."""
         if not text or not self._active:
             return
-        size = utf8_len(text)
+        data = text.encode("utf-8", errors="replace")
         if self.dropped[name]:
-            self.dropped[name] += size  # once something was dropped nothing more is kept: a prefix
+            self.dropped[name] += len(data)  # once something was dropped nothing more is kept: a prefix
             return
         room = self._cap - self.used[name]
-        if size > room:
-            text = cut_utf8(text, max(room, 0))
-            kept = utf8_len(text)
-            self.dropped[name] += size - kept
-            size = kept
-        self.used[name] += size
-        if text:
-            self._channel.send({"type": "stream", "name": name, "text": text})
+        if len(data) > room:
+            kept = cut_utf8(text, max(room, 0)).encode("utf-8", errors="replace")
+            self.dropped[name] += len(data) - len(kept)
+            data = kept
+        self.used[name] += len(data)
+        if data:
+            self._channel.send_stream(name, data)
 
     def _pump(self) -> None:
         while True:

@@ -16,7 +16,7 @@ import socket
 import threading
 from typing import Any
 
-from .protocol import HEADER
+from .protocol import HEADER, stream_frame
 
 
 class InterpreterChannel:
@@ -35,7 +35,9 @@ class InterpreterChannel:
         body = encode(message)
         if len(body) > self.max_frame_bytes:
             body = encode(oversized(message, len(body), self.max_frame_bytes))
-        frame = HEADER.pack(len(body)) + body
+        self._write(HEADER.pack(len(body)) + body)
+
+    def _write(self, frame: bytes) -> None:
         with self.lock:
             if self._sock is None:
                 return
@@ -48,6 +50,10 @@ class InterpreterChannel:
                 self._sock = None  # the runner has gone: receive() ends the interpreter
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def send_stream(self, name: str, data: bytes) -> None:
+        """Write one stream frame: ``data`` is UTF-8 text of the stream ``name``."""
+        self._write(stream_frame(name, data))
 
     def receive(self) -> dict[str, Any] | None:
         """The next request, or None once the runner has gone (or sent something unreadable)."""

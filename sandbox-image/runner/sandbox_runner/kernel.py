@@ -22,7 +22,7 @@ from .config import MiB, RunnerConfig
 from .containment import Containment
 from .launch import LaunchedKernel, start_kernel
 from .outputs import OutputCollector
-from .protocol import ProtocolError, encode_frame, read_frame
+from .protocol import ProtocolError, encode_frame, read_interpreter_frame
 
 log = logging.getLogger("sandbox_runner")
 
@@ -366,7 +366,7 @@ class _Connection:
     async def _pump(self, reader: asyncio.StreamReader, max_frame: int) -> None:
         try:
             while True:
-                message = await read_frame(reader, max_frame)
+                message = await read_interpreter_frame(reader, max_frame)
                 if self._queue.qsize() >= _INBOX_LIMIT:
                     self._queue.get_nowait()  # nobody is reading: keep the newest
                 self._queue.put_nowait(message)

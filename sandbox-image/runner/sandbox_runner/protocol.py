@@ -15,6 +15,8 @@ import json
 import struct
 from typing import Any, Final
 
+import pydantic_core
+
 PROTOCOL_VERSION: Final = 1
 HEADER: Final = struct.Struct(">I")
 # Requests carry uploaded files, so they may be large; the orchestrator caps them well below this.
@@ -40,6 +42,12 @@ OPS: Final = frozenset(
 )
 # Key of a progress frame: sent for an ``execute`` with ``stream: true`` before its reply, same id.
 PROGRESS: Final = "progress"
+# Between the interpreter and the runner only: a length with this bit set is a stream frame, whose
+# body is one byte naming the stream and then its text as UTF-8 (no JSON: megabytes of output would
+# cost more to escape and parse than to produce).
+STREAM_BIT: Final = 0x80000000
+STREAM_IDS: Final = {"stdout": 1, "stderr": 2}
+_STREAM_NAMES: Final = {number: name for name, number in STREAM_IDS.items()}
 
 
 class ProtocolError(Exception):
@@ -47,9 +55,64 @@ class ProtocolError(Exception):
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:
-    """Serialise one message as a frame; lone surrogates become ``?`` so the bytes are valid UTF-8."""
-    body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8", errors="replace")
+    """Serialise one message as a frame; lone surrogates become ``?`` so the bytes are valid UTF-8.
+
+    pydantic-core's encoder is several times faster than the standard library's on megabytes of
+    output; it refuses lone surrogates, so such a message goes through the standard library (whose
+    NaN the other side also reads; pydantic-core writes null for it).
+    """
+    try:
+        body = pydantic_core.to_json(message, inf_nan_mode="null")
+    except pydantic_core.PydanticSerializationError:
+        body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8", errors="replace")
     return HEADER.pack(len(body)) + body
+
+
+def stream_frame(name: str, data: bytes) -> bytes:
+    """A stream frame: ``data`` (UTF-8 text) written to the stream ``name``."""
+    return HEADER.pack(STREAM_BIT | (len(data) + 1)) + bytes((STREAM_IDS[name],)) + data
+
+
+async def read_interpreter_frame(reader: asyncio.StreamReader, max_bytes: int) -> dict[str, Any]:
+    """One frame from the interpreter: a JSON object, or a stream frame as ``{"type": "stream", ...}``."""
+    length = await _header(reader)
+    if not length & STREAM_BIT:
+        return _parse(await _body(reader, length, max_bytes))
+    body = await _body(reader, length & ~STREAM_BIT, max_bytes)
+    name = _STREAM_NAMES.get(body[0]) if body else None
+    if name is None:
+        raise ProtocolError("stream frame names no stream")
+    return {"type": "stream", "name": name, "text": body[1:].decode("utf-8", errors="replace")}
+
+
+async def _header(reader: asyncio.StreamReader) -> int:
+    try:
+        header = await reader.readexactly(HEADER.size)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            raise EOFError from exc
+        raise ProtocolError("stream ended inside a frame header") from exc
+    (length,) = HEADER.unpack(header)
+    return int(length)
+
+
+async def _body(reader: asyncio.StreamReader, length: int, max_bytes: int) -> bytes:
+    if length > max_bytes:
+        raise ProtocolError(f"frame of {length} bytes exceeds the {max_bytes}-byte cap")
+    try:
+        return await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        raise ProtocolError("stream ended inside a frame") from exc
+
+
+def _parse(body: bytes) -> dict[str, Any]:
+    try:
+        message = pydantic_core.from_json(body)
+    except ValueError as exc:
+        raise ProtocolError(f"frame is not JSON: {exc}") from exc
+    if not isinstance(message, dict):
+        raise ProtocolError("frame is not a JSON object")
+    return message
 
 
 def sync_line(nonce: str) -> bytes:
@@ -59,26 +122,7 @@ def sync_line(nonce: str) -> bytes:
 
 async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_REQUEST_BYTES) -> dict[str, Any]:
     """Read one frame; raise ``EOFError`` at a clean end of stream, ``ProtocolError`` otherwise."""
-    try:
-        header = await reader.readexactly(HEADER.size)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            raise EOFError from exc
-        raise ProtocolError("stream ended inside a frame header") from exc
-    (length,) = HEADER.unpack(header)
-    if length > max_bytes:
-        raise ProtocolError(f"frame of {length} bytes exceeds the {max_bytes}-byte cap")
-    try:
-        body = await reader.readexactly(length)
-    except asyncio.IncompleteReadError as exc:
-        raise ProtocolError("stream ended inside a frame") from exc
-    try:
-        message = json.loads(body.decode("utf-8", errors="replace"))
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(f"frame is not JSON: {exc}") from exc
-    if not isinstance(message, dict):
-        raise ProtocolError("frame is not a JSON object")
-    return message
+    return _parse(await _body(reader, await _header(reader), max_bytes))
 
 
 def ok(request_id: str, result: dict[str, Any]) -> dict[str, Any]:
