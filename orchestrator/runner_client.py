@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 import struct
 from collections.abc import Callable
@@ -239,9 +240,12 @@ class RunnerClient:
             raise RunnerFailure(f"{self._name}: frame of {length} bytes exceeds the {self._max_frame}-byte cap")
         body = await self._reader.readexactly(length)
         try:
-            # NaN and Infinity parse (a display may hold them); the reply encodes them as null.
-            message = pydantic_core.from_json(body)
-        except ValueError as exc:
+            if b"NaN" in body or b"Infinity" in body:
+                # Not JSON, but a display may hold them: null, before anything else reads the frame.
+                message = json.loads(body.decode("utf-8", errors="replace"), parse_constant=lambda _: None)
+            else:
+                message = pydantic_core.from_json(body)
+        except ValueError as exc:  # json.JSONDecodeError is one too
             raise RunnerFailure(f"{self._name}: frame is not JSON") from exc
         if not isinstance(message, dict):
             raise RunnerFailure(f"{self._name}: frame is not an object")

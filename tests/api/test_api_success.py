@@ -116,3 +116,11 @@ def test_health_readiness_and_metrics(app: App) -> None:
     assert metrics.headers["content-type"].startswith("text/plain")
     assert "tci_sessions_active" in metrics.text
     assert 'tci_executions_total{outcome="ok"}' in metrics.text
+
+
+def test_nan_and_lone_surrogates_in_outputs_still_make_valid_json(app: App) -> None:
+    code = "from IPython.display import JSON, display\ndisplay(JSON({'x': float('nan')}))\nprint('a\\ud800b')"
+    data = app.execute(KEY_A, code)
+    (display,) = [o for o in data["outputs"] if o["type"] == "display_data"]
+    assert display["data"]["application/json"] == {"x": None}
+    assert stdout_of(data) == "a?b\n"
