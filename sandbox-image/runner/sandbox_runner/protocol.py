@@ -15,8 +15,6 @@ import json
 import struct
 from typing import Any, Final
 
-import pydantic_core
-
 PROTOCOL_VERSION: Final = 1
 HEADER: Final = struct.Struct(">I")
 # Requests carry uploaded files, so they may be large; the orchestrator caps them well below this.
@@ -57,14 +55,10 @@ class ProtocolError(Exception):
 def encode_frame(message: dict[str, Any]) -> bytes:
     """Serialise one message as a frame; lone surrogates become ``?`` so the bytes are valid UTF-8.
 
-    pydantic-core's encoder is several times faster than the standard library's on megabytes of
-    output; it refuses lone surrogates, so such a message goes through the standard library (whose
-    NaN the other side also reads; pydantic-core writes null for it).
+    The standard library's encoder, not a faster compiled one: a runner per session pays for every
+    module it loads in memory (pydantic-core would add 8 MiB to each idle session).
     """
-    try:
-        body = pydantic_core.to_json(message, inf_nan_mode="null")
-    except pydantic_core.PydanticSerializationError:
-        body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8", errors="replace")
+    body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8", errors="replace")
     return HEADER.pack(len(body)) + body
 
 
@@ -107,8 +101,8 @@ async def _body(reader: asyncio.StreamReader, length: int, max_bytes: int) -> by
 
 def _parse(body: bytes) -> dict[str, Any]:
     try:
-        message = pydantic_core.from_json(body)
-    except ValueError as exc:
+        message = json.loads(body.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError as exc:
         raise ProtocolError(f"frame is not JSON: {exc}") from exc
     if not isinstance(message, dict):
         raise ProtocolError("frame is not a JSON object")
