@@ -240,13 +240,14 @@ class RunnerClient:
             raise RunnerFailure(f"{self._name}: frame of {length} bytes exceeds the {self._max_frame}-byte cap")
         body = await self._reader.readexactly(length)
         try:
-            if b"NaN" in body or b"Infinity" in body:
-                # Not JSON, but a display may hold them: null, before anything else reads the frame.
+            message = pydantic_core.from_json(body, allow_inf_nan=False)
+        except ValueError:
+            # Rare, so parsed slowly: NaN or Infinity (not JSON, but a display may hold them) become
+            # null, and invalid UTF-8 (only a forged frame has any) is replaced.
+            try:
                 message = json.loads(body.decode("utf-8", errors="replace"), parse_constant=lambda _: None)
-            else:
-                message = pydantic_core.from_json(body)
-        except ValueError as exc:  # json.JSONDecodeError is one too
-            raise RunnerFailure(f"{self._name}: frame is not JSON") from exc
+            except json.JSONDecodeError as exc:
+                raise RunnerFailure(f"{self._name}: frame is not JSON") from exc
         if not isinstance(message, dict):
             raise RunnerFailure(f"{self._name}: frame is not an object")
         return message
