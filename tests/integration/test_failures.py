@@ -269,3 +269,22 @@ def test_frames_forged_on_the_runner_socket_change_nothing(api: Api) -> None:
         assert after["outcome"] == "ok", after
     assert text_of(after, "stdout") == "4\n"
     assert sid in api.session_ids()
+
+
+def test_exit_starts_a_new_interpreter_and_says_so(api: Api) -> None:
+    sid = api.run("kept = 1")["session_id"]
+    ended = api.run("print('bye')\nexit()", sid)
+    assert ended["outcome"] == "ok"
+    assert ended["state_lost"] is True
+    assert text_of(ended, "stdout") == "bye\n"
+    after = api.run("print(globals().get('kept'))", sid)
+    assert after["outcome"] == "ok"
+    assert after["state_lost"] is False
+    assert text_of(after, "stdout") == "None\n"
+
+
+def test_closed_standard_descriptors_come_back_at_the_next_cell(api: Api) -> None:
+    sid = api.run("import os\nkept = 1\nos.close(1)\nos.close(2)")["session_id"]
+    after = api.run("import subprocess\nprint(kept)\nsubprocess.run(['echo', 'child'])", sid)
+    assert after["outcome"] == "ok"
+    assert text_of(after, "stdout") == "1\nchild\n"
