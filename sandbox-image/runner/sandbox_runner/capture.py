@@ -48,7 +48,6 @@ class OutputStream(io.TextIOBase):
         self._parts: list[str] = []
         self._size = 0
         self._sent_at = 0.0
-        self._owner = os.getpid()
         os.register_at_fork(after_in_child=self._forget)
 
     @property
@@ -118,7 +117,7 @@ class OutputStream(io.TextIOBase):
         text = "".join(self._parts)
         self._parts.clear()
         self._size = 0
-        if os.getpid() == self._owner:
+        if os.getpid() == self._capture.pid:
             self._sent_at = time.monotonic()
             self._capture.send_text(self._name, text)
             return
@@ -154,7 +153,8 @@ class Capture:
         self.streams = {name: OutputStream(fd, name, self) for fd, name in zip((1, 2), STREAMS, strict=True)}
         self._decoders = {name: _decoder() for name in STREAMS}
         self._active = False
-        self._pid = os.getpid()
+        # The process that reads the pipes; a forked child writes into them instead.
+        self.pid = os.getpid()
         self.used = dict.fromkeys(STREAMS, 0)
         self.dropped = dict.fromkeys(STREAMS, 0)
         threading.Thread(target=self._pump, name="tci-output", daemon=True).start()
@@ -215,7 +215,7 @@ class Capture:
             self._drain(only=name)
 
     def _drain(self, only: str | None = None) -> None:
-        if os.getpid() != self._pid:
+        if os.getpid() != self.pid:
             return  # a forked child: the pipes are its parent's to read
         for fd, name in self._names.items():
             if only is not None and name != only:
