@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from jupyter_client.manager import start_new_kernel
-from sandbox_runner.__main__ import kernel_env, prepare_home
+from sandbox_runner.__main__ import kernel_env, make_directories, seed_matplotlib
 from sandbox_runner.config import RunnerConfig
 from sandbox_runner.kernel import KernelSupervisor
 from sandbox_runner.outputs import OutputCollector
@@ -82,7 +82,8 @@ def main() -> None:
     with open(sys.argv[1]) as handle:
         cells = json.load(handle)
     config = RunnerConfig.from_env()
-    prepare_home(config)
+    make_directories(config)
+    seed_matplotlib(config)
     env = kernel_env(config)
     os.chdir(config.workdir)
     lean = asyncio.run(run_lean(cells, env, config))

@@ -1,22 +1,22 @@
-"""``python -s -m sandbox_runner``: the container's main process (under an init that reaps zombies)."""
+"""``python -s -m sandbox_runner``: the container's main process (under an init that reaps zombies).
+
+Start-up is on the critical path of every cold session, and the interpreter (IPython's import) is
+its long pole, so the interpreter is started first, with as little of the runner imported as will
+do; the rest of the runner (logging, asyncio, the server) is imported while it starts.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
 import os
-import shutil
 import site
 import sys
 from pathlib import Path
 
-from . import procs
 from .config import RunnerConfig
 from .launch import start_kernel
 
 
-def prepare_home(config: RunnerConfig) -> None:
+def make_directories(config: RunnerConfig) -> None:
     """Create the writable directories a read-only image cannot ship (they live on tmpfs)."""
     config.workdir.mkdir(parents=True, exist_ok=True)
     # The interpreter only puts the user site on sys.path if it exists at start-up, so it must
@@ -25,9 +25,18 @@ def prepare_home(config: RunnerConfig) -> None:
     for var in ("JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "XDG_CACHE_HOME"):
         if os.environ.get(var):
             Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
+
+
+def seed_matplotlib(config: RunnerConfig) -> None:
+    """Copy the image's prebuilt font cache, which spares the first `import matplotlib` a rebuild.
+
+    Done while the interpreter starts: it imports matplotlib only when a cell does, and no cell
+    runs before the runner is serving.
+    """
+    import shutil
+
     mpl_dir = os.environ.get("MPLCONFIGDIR")
     if mpl_dir and config.mpl_seed_dir.is_dir():
-        # A prebuilt font cache spares the first `import matplotlib` a multi-second rebuild.
         shutil.copytree(config.mpl_seed_dir, mpl_dir, dirs_exist_ok=True)
 
 
@@ -39,29 +48,40 @@ def kernel_env(config: RunnerConfig) -> dict[str, str]:
     return env
 
 
-class _JsonFormatter(logging.Formatter):
+def configure_logging() -> None:
     """One JSON object per line on stderr: the container log stays machine-readable."""
+    import json
+    import logging
 
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": record.created, "level": record.levelname.lower(), "event": record.getMessage()}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+    class JsonFormatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            entry = {"ts": record.created, "level": record.levelname.lower(), "event": record.getMessage()}
+            if record.exc_info:
+                entry["exception"] = self.formatException(record.exc_info)
+            return json.dumps(entry)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=os.environ.get("TCI_RUNNER_LOG_LEVEL", "INFO"), handlers=[handler])
 
 
 def main() -> None:
     """Entry point."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter())
-    logging.basicConfig(level=os.environ.get("TCI_RUNNER_LOG_LEVEL", "INFO"), handlers=[handler])
     config = RunnerConfig.from_env()
+    make_directories(config)
+    env = kernel_env(config)
+    launched = start_kernel(env, config.workdir)
+    # No user code runs before the first cell, so these may follow the interpreter's start.
+    from . import procs
+
     procs.become_subreaper()
     procs.make_undumpable()
-    prepare_home(config)
-    env = kernel_env(config)
-    # The interpreter starts now, while the rest of the runner (asyncio and the server) is imported.
-    launched = start_kernel(env, config.workdir)
+    configure_logging()
+    seed_matplotlib(config)
+    # The runner never speaks TLS; asyncio imports ssl only if it can (a sixth of asyncio's import).
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     import asyncio
+    import contextlib
 
     from .server import run
 
