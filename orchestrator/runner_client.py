@@ -113,6 +113,23 @@ def encode_frame(message: dict[str, Any]) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+async def close_stream(writer: StreamSink, timeout: float = 1.0) -> None:
+    """Close ``writer``; a socket's is waited for until its transport is let go (aborted after ``timeout``).
+
+    ``close()`` alone finishes on a later turn of the loop: one that shuts down first (an app's
+    lifespan ending) would leave the socket to the garbage collector.
+    """
+    with contextlib.suppress(Exception):
+        writer.close()
+        if not isinstance(writer, asyncio.StreamWriter):
+            return  # a backend's adapter closes what it wraps itself
+        try:
+            async with asyncio.timeout(timeout):
+                await writer.wait_closed()
+        except TimeoutError:
+            writer.transport.abort()  # the sandbox stopped reading: nothing more will be flushed
+
+
 class RunnerClient:
     """Request/response over one runner stream, with a background task routing replies by id."""
 
@@ -221,8 +238,7 @@ class RunnerClient:
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._pump
-        with contextlib.suppress(Exception):
-            self._writer.close()
+        await close_stream(self._writer)
 
     def _next_id(self) -> str:
         self._ids += 1

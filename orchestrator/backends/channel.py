@@ -26,6 +26,7 @@ from typing import Final
 
 from ..errors import RunnerFailure
 from ..index_gate import IndexGate
+from ..runner_client import close_stream
 
 SOCKET_NAME: Final = "runner.sock"
 # The kernel's limit on a Unix socket path (sun_path), including the terminating NUL.
@@ -158,7 +159,7 @@ class SocketChannels:
             listener.server.close()
         waiting = listener.take()
         if waiting is not None:
-            waiting[1].close()
+            await close_stream(waiting[1])
 
     def sweep(self, keep: set[str], grace: float) -> list[str]:
         """Remove directories of sandboxes that no longer exist; returns the keys removed."""
