@@ -280,7 +280,7 @@ def thread_count(pid: int) -> int:
 
 def _pss(pid: int) -> int:
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        for line in _read(f"/proc/{pid}/smaps_rollup").splitlines():
             if line.startswith("Pss:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError):
@@ -304,7 +304,7 @@ def tree_memory_exceeds(root: int, limit: int) -> bool:
     rss = 0
     for pid in pids:
         try:
-            rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+            rss += int(_read(f"/proc/{pid}/statm").split()[1]) * _PAGE
         except (OSError, IndexError, ValueError):
             continue
     if rss <= limit or len(pids) == 1:
