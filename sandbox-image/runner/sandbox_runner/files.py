@@ -9,7 +9,6 @@ import base64
 import binascii
 import contextlib
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -132,7 +131,7 @@ def write_files(root: Path, files: list[PreparedFile]) -> None:
         # Written aside and renamed into place: code running meanwhile (an upload through the file
         # routes does not wait for an execute) reads the old file or the new one, never half of one.
         # O_EXCL | O_NOFOLLOW: a symlink swapped in after the check is refused rather than followed.
-        temp = target.with_name(f".tci-upload-{secrets.token_hex(6)}")
+        temp = target.with_name(f".tci-upload-{os.urandom(6).hex()}")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
             with os.fdopen(fd, "wb") as handle:

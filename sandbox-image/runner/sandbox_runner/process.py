@@ -17,7 +17,6 @@ import asyncio
 import base64
 import contextlib
 import os
-import secrets
 import shutil
 import signal
 import time
@@ -223,7 +222,7 @@ async def run(request_id: str, args: dict[str, Any], config: RunnerConfig, keep:
         return fail(request_id, "bad_request", parsed[1], parsed[0])
     shared = _shared_dirs(config)
     before = _listing(shared)
-    home = config.workdir / f".run-{secrets.token_hex(6)}"
+    home = config.workdir / f".run-{os.urandom(6).hex()}"
     try:
         try:
             files = prepare_files(args.get("files"), config.limits)
