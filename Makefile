@@ -78,7 +78,8 @@ $(VENV)/.installed: pyproject.toml sandbox-image/runner/pyproject.toml
 venv: $(VENV)/.installed ## Create the development virtualenv
 
 test: venv image orchestrator-image ## Run every test: unit, runner, contract, API, Docker integration, SDK compatibility
-	ORCH_TEST_ORCHESTRATOR_IMAGE=$(ORCH_IMAGE) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m orchestrator.backends.library $(IMAGE)
+	ORCH_TEST_ORCHESTRATOR_IMAGE=$(ORCH_IMAGE) ORCH_TEST_BASE_IMAGE=$(BASE_IMAGE) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: venv ## ruff and mypy --strict
 	$(VENV)/bin/ruff check orchestrator sandbox-image/runner tests bench

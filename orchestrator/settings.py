@@ -43,6 +43,10 @@ class SandboxSettings(BaseModel):
     """Docker network mode; anything but "none" gives sessions egress (e.g. for `!pip install`)."""
     runtime: str | None = None
     """OCI runtime such as "runsc" (gVisor); None uses the engine's default."""
+    library_volumes: bool = True
+    """Docker: mount the trees the image names in its ``tci.sandbox.library-paths`` label from
+    read-only engine volumes, filled once per image (backends/library.py): faster starts and imports
+    where the storage driver runs in userspace."""
     channel: Literal["socket", "attach"] = "socket"
     """How the orchestrator reaches the runner: "socket" (a Unix socket per session under
     ``socket_dir``; the orchestrator must share that path with the engine's host) or "attach" (the

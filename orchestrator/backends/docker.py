@@ -29,7 +29,7 @@ from ..index_gate import IndexGate
 from ..models import Claim, SandboxInfo
 from ..runner_client import RunnerClient
 from ..settings import Settings
-from . import labels
+from . import labels, library
 from .channel import SocketChannels
 from .docker_spec import container_config
 
@@ -43,6 +43,8 @@ _MUX_HEADER = struct.Struct(">BxxxI")
 # How long a cold start waits for its failed first attempt's container to give up the session's name.
 _NAME_FREE_SECONDS = 10.0
 _STDOUT = 1
+# A fill copies the image's Python trees (1.6 GB for the default image): a minute on a slow host.
+_LIBRARY_FILL_SECONDS = 900.0
 
 
 @contextlib.contextmanager
@@ -86,6 +88,9 @@ class DockerBackend:
         )
         # Sandbox id -> its runner socket key, for sandboxes created or listed by this process.
         self._channel_keys: dict[str, str] = {}
+        self._library: library.Library | None = None
+        """Set once the image's library volumes are complete; sandboxes made before go without."""
+        self._library_fill: asyncio.Task[None] | None = None
 
     async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         def run() -> T:
@@ -109,8 +114,50 @@ class DockerBackend:
         if self._client is None:
             pool = max(self._settings.docker_max_concurrent_calls, 10)
             self._client = await self._call(docker.from_env, max_pool_size=pool)
+        if self._settings.sandbox.library_volumes:
+            await self._start_library()
+
+    async def _start_library(self) -> None:
+        """Use the image's library volumes at once if they are complete; otherwise fill them meanwhile."""
+        try:
+            image = await self._call(self.client.images.get, self._settings.sandbox.image)
+        except (SandboxImageMissing, BackendUnavailable):
+            return  # the health check reports the image; sandboxes cannot start without it anyway
+        wanted = library.plan(image.attrs)
+        if wanted is None:
+            return
+        if await self._call(library.complete, self.client, wanted):
+            self._library = wanted
+            return
+        self._library_fill = asyncio.create_task(self._fill_library(wanted), name="library-fill")
+
+    async def _fill_library(self, wanted: library.Library) -> None:
+        began = time.monotonic()
+        log.info("library_fill_started", volumes=wanted.volumes, paths=wanted.paths)
+        try:
+            # Off the call limiter (a fill holds its thread for a minute); abandoned, not awaited, on close.
+            await anyio.to_thread.run_sync(self._fill_and_sweep, wanted, abandon_on_cancel=True)
+        except Exception as exc:  # noqa: BLE001 - sandboxes keep starting from the image alone
+            log.warning("library_fill_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        self._library = wanted
+        log.info("library_ready", seconds=round(time.monotonic() - began, 1))
+
+    def _fill_and_sweep(self, wanted: library.Library) -> None:
+        library.fill(self.client, wanted, wait_seconds=_LIBRARY_FILL_SECONDS)
+        if removed := library.sweep(self.client):
+            log.info("library_volumes_removed", volumes=removed)
+
+    async def library_ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a fill under way; whether new sandboxes mount library volumes."""
+        if self._library_fill is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._library_fill), timeout)
+        return self._library is not None
 
     async def close(self) -> None:
+        if self._library_fill is not None:
+            self._library_fill.cancel()  # the engine finishes a copy it began; the next start sees it
         if self._sockets is not None:
             await self._sockets.close_all()
         if self._gate is not None:
@@ -156,6 +203,7 @@ class DockerBackend:
             seccomp_profile=self._seccomp,
             channel_dir=channel_dir,
             packages=self._settings.packages if self._gate is not None else None,
+            library=self._library.mounts() if self._library is not None else None,
         )
         try:
             container = await self._call(self._create_container, config, claimed=claim is not None)

@@ -78,6 +78,7 @@ def container_config(
     seccomp_profile: str,
     channel_dir: Path | None = None,
     packages: PackageSettings | None = None,
+    library: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``docker.models.containers.ContainerCollection.create``.
 
@@ -90,6 +91,7 @@ def container_config(
             None: the runner talks over its attached stdin/stdout instead.
         packages: the index gate's settings when the gate listens in ``channel_dir``; None: no
             package index for this sandbox.
+        library: read-only volume mounts of the image's library trees (``library.Library.mounts``).
     """
     config: dict[str, Any] = {
         "image": sandbox.image,
@@ -126,10 +128,13 @@ def container_config(
         "environment": runner_environment(sandbox),
         "working_dir": WORKDIR,
     }
+    volumes = dict(library or {})
     if channel_dir is not None:
-        config["volumes"] = {str(channel_dir): {"bind": CHANNEL_DIR, "mode": "ro"}}
+        volumes[str(channel_dir)] = {"bind": CHANNEL_DIR, "mode": "ro"}
         config["environment"]["TCI_RUNNER_SOCKET"] = f"{CHANNEL_DIR}/{SOCKET_NAME}"
     config["environment"].update(pip_environment(sandbox, packages if channel_dir is not None else None))
+    if volumes:
+        config["volumes"] = volumes
     if sandbox.runtime:
         config["runtime"] = sandbox.runtime
     return config

@@ -24,7 +24,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from orchestrator.app import create_app
-from orchestrator.backends import labels
+from orchestrator.backends import labels, library
 from orchestrator.backends.channel import instance_dir
 from orchestrator.settings import SandboxSettings, Settings
 
@@ -51,6 +51,8 @@ def docker_client() -> Iterator[docker.DockerClient]:
         client.images.get(IMAGE)
     except docker.errors.ImageNotFound:
         _unavailable(f"sandbox image {IMAGE} is missing: run `make image`")
+    # Every sandbox of the suite alike (`make test` has filled the set already; this is for bare pytest).
+    library.prepare(client, IMAGE)
     # Containers of this suite's crashed earlier runs (other suites use other prefixes).
     for container in client.containers.list(all=True, filters={"label": labels.TEST_RUN}, ignore_removed=True):
         if container.labels.get(labels.TEST_RUN, "").startswith(RUN_PREFIX):

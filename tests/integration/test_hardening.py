@@ -43,12 +43,17 @@ def test_session_container_is_hardened(api, docker_client, run_id, make_settings
     assert host["RestartPolicy"]["Name"] == "no"
     assert attrs["Config"]["User"] == "10001:10001"
     # One bind mount: the session's own runner socket directory, read-only. Never the Docker socket.
-    [mount] = attrs["Mounts"]
+    [mount] = [m for m in attrs["Mounts"] if m["Type"] == "bind"]
     assert mount["Type"] == "bind"
     assert mount["Destination"] == CHANNEL_DIR
     assert mount["RW"] is False
     assert mount["Source"].startswith(str(make_settings().socket_dir))
     assert "docker.sock" not in json.dumps(attrs["Mounts"])
+    # Besides it, only the image's own library trees, from read-only volumes (backends/library.py).
+    volumes = {m["Destination"]: m for m in attrs["Mounts"] if m["Type"] == "volume"}
+    assert set(volumes) == {"/usr/lib/python3.11", "/opt/venv"}
+    assert all(m["RW"] is False and m["Name"].startswith("tci-lib-") for m in volumes.values())
+    assert len(attrs["Mounts"]) == 1 + len(volumes)
     assert attrs["Config"]["OpenStdin"] is False
     env_names = {entry.split("=", 1)[0] for entry in attrs["Config"]["Env"]}
     assert not {n for n in env_names if any(s in n.upper() for s in ("KEY", "TOKEN", "SECRET", "PASSWORD"))}
