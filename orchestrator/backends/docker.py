@@ -45,6 +45,8 @@ _NAME_FREE_SECONDS = 10.0
 _STDOUT = 1
 # A fill copies the image's Python trees (1.6 GB for the default image): a minute on a slow host.
 _LIBRARY_FILL_SECONDS = 900.0
+# How often creates look whether the image's tag has moved (a rebuild under a running service).
+_LIBRARY_RECHECK_SECONDS = 10.0
 
 
 @contextlib.contextmanager
@@ -91,6 +93,7 @@ class DockerBackend:
         self._library: library.Library | None = None
         """Set once the image's library volumes are complete; sandboxes made before go without."""
         self._library_fill: asyncio.Task[None] | None = None
+        self._library_checked = 0.0
 
     async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         def run() -> T:
@@ -121,15 +124,37 @@ class DockerBackend:
         """Use the image's library volumes at once if they are complete; otherwise fill them meanwhile."""
         try:
             image = await self._call(self.client.images.get, self._settings.sandbox.image)
+            wanted = library.plan(image.attrs)
+            self._library_checked = time.monotonic()
+            if wanted is None:
+                return
+            if await self._call(library.complete, self.client, wanted):
+                self._library = wanted
+                return
         except (SandboxImageMissing, BackendUnavailable):
-            return  # the health check reports the image; sandboxes cannot start without it anyway
-        wanted = library.plan(image.attrs)
-        if wanted is None:
-            return
-        if await self._call(library.complete, self.client, wanted):
-            self._library = wanted
-            return
+            return  # the health check reports either; sandboxes go without library volumes meanwhile
         self._library_fill = asyncio.create_task(self._fill_library(wanted), name="library-fill")
+
+    async def _current_library(self) -> library.Library | None:
+        """The library for a new sandbox; its image is pinned to the volumes' image id.
+
+        A rebuilt image moves the tag: its sandboxes must not mount the old image's trees, so they
+        go without until the new image's set is filled.
+        """
+        current = self._library
+        if current is None or time.monotonic() - self._library_checked < _LIBRARY_RECHECK_SECONDS:
+            return current
+        self._library_checked = time.monotonic()
+        try:
+            image = await self._call(self.client.images.get, self._settings.sandbox.image)
+        except (SandboxImageMissing, BackendUnavailable):
+            return current  # pinned by id, the old image still serves
+        if image.id != current.image_id:
+            log.info("library_image_changed", old=current.image_id[:19], new=image.id[:19])
+            self._library = None
+            if self._library_fill is None or self._library_fill.done():
+                await self._start_library()
+        return self._library
 
     async def _fill_library(self, wanted: library.Library) -> None:
         began = time.monotonic()
@@ -189,6 +214,7 @@ class DockerBackend:
             if claim is not None
             else labels.pool_name(self._settings.instance)
         )
+        current = await self._current_library()
         key = channel_dir = None
         if self._sockets is not None:
             key = secrets.token_hex(8)
@@ -203,8 +229,10 @@ class DockerBackend:
             seccomp_profile=self._seccomp,
             channel_dir=channel_dir,
             packages=self._settings.packages if self._gate is not None else None,
-            library=self._library.mounts() if self._library is not None else None,
+            library=current.mounts() if current is not None else None,
         )
+        if current is not None:
+            config["image"] = current.image_id
         try:
             container = await self._call(self._create_container, config, claimed=claim is not None)
         except BaseException:

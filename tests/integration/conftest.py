@@ -89,7 +89,7 @@ def socket_dir(run_id: str) -> Path:
 def docker_settings(run_id: str, **overrides: Any) -> Settings:
     """Settings for a server on the real engine and image, labelled ``run_id``: no pool, no background
     reaping, unless ``overrides`` say otherwise (``sandbox`` is a dict of sandbox settings)."""
-    sandbox = SandboxSettings(image=IMAGE, **overrides.pop("sandbox", {}))
+    sandbox = SandboxSettings(**{"image": IMAGE, **overrides.pop("sandbox", {})})
     defaults: dict[str, Any] = {"pool_size": 0, "reaper_interval_seconds": 3600, "log_format": "console"}
     return Settings(
         backend="docker", instance=run_id, test_run_label=run_id, sandbox=sandbox, **{**defaults, **overrides}

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from orchestrator.app import create_app
 from orchestrator.backends import library
+from orchestrator.backends.docker import DockerBackend
 
 from .conftest import IMAGE, execute, text_of
 
@@ -150,3 +151,51 @@ def test_sweep_removes_the_volumes_of_images_that_are_gone(
     wanted = library.plan(docker_client.images.get(IMAGE).attrs)
     assert wanted is not None
     assert library.complete(docker_client, wanted)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_a_rebuilt_image_never_mounts_the_old_images_trees(
+    docker_client: docker.DockerClient,
+    small_image: library.Library,
+    make_settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    [tag] = docker_client.images.get(small_image.image_id).tags
+    library.fill(docker_client, small_image, wait_seconds=60)
+    backend = DockerBackend(make_settings(sandbox={"image": tag}))
+    await backend.start()
+    made: list[str] = []
+    renewed: library.Library | None = None
+
+    async def image_and_volumes() -> tuple[str, set[str]]:
+        sandbox = await backend.create_stopped(None)
+        made.append(sandbox.sandbox_id)
+        attrs = docker_client.api.inspect_container(sandbox.sandbox_id)
+        return attrs["Image"], {m["Name"] for m in attrs["Mounts"] if m["Type"] == "volume"}
+
+    try:
+        assert await image_and_volumes() == (small_image.image_id, set(small_image.volumes))
+        # The tag moves to a rebuilt image: its sandboxes go without until its own set is filled.
+        dockerfile = f'FROM {small_image.image_id}\nLABEL rebuilt="1"\n'
+        rebuilt, _ = docker_client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True)
+        monkeypatch.setattr("orchestrator.backends.docker._LIBRARY_RECHECK_SECONDS", 0.0)
+        image_id, volumes = await image_and_volumes()
+        assert image_id == rebuilt.id
+        assert not volumes & set(small_image.volumes)
+        assert await backend.library_ready(120)
+        renewed = library.plan(rebuilt.attrs)
+        assert renewed is not None
+        assert await image_and_volumes() == (rebuilt.id, set(renewed.volumes))
+    finally:
+        for sandbox_id in made:
+            await backend.destroy(sandbox_id)
+        await backend.close()
+        docker_client.images.remove(tag, force=True)
+        for volume in (renewed.marker, *renewed.volumes) if renewed is not None else ():
+            with contextlib.suppress(docker.errors.NotFound):
+                docker_client.volumes.get(volume).remove(force=True)

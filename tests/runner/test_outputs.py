@@ -212,3 +212,12 @@ async def test_the_interpreter_is_ipython_without_jupyter_and_user_code_can_stil
     result = await runner.execute(code)
     assert result.outcome == "ok", result.outputs
     assert result.text("stdout") == "LeanShell False False\ndebugpy\n"
+
+
+async def test_the_interpreter_starts_without_asyncio(fresh_runner):
+    # Its start-up is every cold session's long pole: asyncio (and through it ssl and OpenSSL's
+    # libraries) loads when a cell needs it, and top-level await still works.
+    first = await fresh_runner.execute("import sys; print(sorted({'asyncio', 'ssl'} & set(sys.modules)))")
+    assert first.outputs == [{"type": "stdout", "data": "[]\n"}]
+    awaited = await fresh_runner.execute("import asyncio\nawait asyncio.sleep(0)\nprint('awaited')")
+    assert awaited.outputs == [{"type": "stdout", "data": "awaited\n"}]

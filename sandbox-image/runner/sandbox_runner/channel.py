@@ -1,6 +1,6 @@
 """The interpreter's end of its socket to the runner: the runner protocol's framing, blocking, two threads.
 
-Frames are those of the runner protocol (``protocol.HEADER`` + UTF-8 JSON). Two threads send (the
+Frames are those of the runner protocol (``framing.HEADER`` + UTF-8 JSON). Two threads send (the
 cell's and the output thread), so every frame is written whole under ``lock``, which callers also
 hold to keep several frames in order. A forked child forgets the socket: it must never write into
 its parent's stream (its output reaches the parent through the inherited pipes instead).
@@ -16,7 +16,7 @@ import socket
 import threading
 from typing import Any
 
-from .protocol import HEADER, stream_frame
+from .framing import HEADER, stream_frame
 
 
 class InterpreterChannel:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
 from typing import Any, Final
 
+from .framing import HEADER, STREAM_BIT, STREAM_IDS
+
 PROTOCOL_VERSION: Final = 1
-HEADER: Final = struct.Struct(">I")
 # Requests carry uploaded files, so they may be large; the orchestrator caps them well below this.
 MAX_REQUEST_BYTES: Final = 96 * 1024 * 1024
 # Written raw (outside any frame) before the reply to ``hello`` so that a client attaching to the
@@ -40,11 +40,6 @@ OPS: Final = frozenset(
 )
 # Key of a progress frame: sent for an ``execute`` with ``stream: true`` before its reply, same id.
 PROGRESS: Final = "progress"
-# Between the interpreter and the runner only: a length with this bit set is a stream frame, whose
-# body is one byte naming the stream and then its text as UTF-8 (no JSON: megabytes of output would
-# cost more to escape and parse than to produce).
-STREAM_BIT: Final = 0x80000000
-STREAM_IDS: Final = {"stdout": 1, "stderr": 2}
 _STREAM_NAMES: Final = {number: name for name, number in STREAM_IDS.items()}
 
 
@@ -60,11 +55,6 @@ def encode_frame(message: dict[str, Any]) -> bytes:
     """
     body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8", errors="replace")
     return HEADER.pack(len(body)) + body
-
-
-def stream_frame(name: str, data: bytes) -> bytes:
-    """A stream frame: ``data`` (UTF-8 text) written to the stream ``name``."""
-    return HEADER.pack(STREAM_BIT | (len(data) + 1)) + bytes((STREAM_IDS[name],)) + data
 
 
 async def read_interpreter_frame(reader: asyncio.StreamReader, max_bytes: int) -> dict[str, Any]:
