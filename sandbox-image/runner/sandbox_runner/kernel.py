@@ -26,8 +26,12 @@ from .protocol import ProtocolError, encode_frame, read_interpreter_frame
 
 log = logging.getLogger("sandbox_runner")
 
-# How often liveness and memory are checked while waiting for kernel messages.
+# How often liveness and memory are checked while waiting for kernel messages; more often once the
+# container's memory is past half the watchdog's limit, so that the watchdog, not the kernel's OOM
+# killer, stops a fast-growing cell: a kernel kill leaves the container at its limit while the dead
+# interpreter's memory is torn down, and a runner that allocates then is the only task left to kill.
 _POLL: Final = 0.1
+_PRESSED_POLL: Final = 0.01
 _READY_TIMEOUT: Final = 60.0
 # Frames kept when nobody reads them.
 _INBOX_LIMIT: Final = 10_000
@@ -249,7 +253,7 @@ class KernelSupervisor:
             if now >= deadline:
                 return "timeout", {}
             if now >= next_check:
-                next_check = now + _POLL
+                next_check = now + (_PRESSED_POLL if self._memory_pressed() else _POLL)
                 if not self.alive():
                     return "dead", {}
                 # Before the memory check, which reads every process's page tables: slow under a bomb.
@@ -302,6 +306,13 @@ class KernelSupervisor:
             outcome.execution_count = done.execution_count
             outcome.dropped = done.dropped
         return outcome
+
+    def _memory_pressed(self) -> bool:
+        """Whether the container's whole charge is past half the watchdog's limit (one held read)."""
+        if self._memory_limit is None:
+            return False
+        usage = procs.cgroup_memory_usage()
+        return usage is not None and usage > self._memory_limit // 2
 
     def _over_memory(self) -> bool:
         pid = self.pid
