@@ -31,11 +31,15 @@ def async_client(server: Server, connections: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=server.base_url, timeout=_TIMEOUT, limits=limits)
 
 
-async def _post(client: httpx.AsyncClient, key: str, code: str, session_id: str | None = None) -> httpx.Response:
+def _execute_body(code: str, session_id: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"code": code, "language": "python"}
     if session_id is not None:
         body["session_id"] = session_id
-    return await client.post("/tci/execute", json=body, headers=auth(key))
+    return body
+
+
+async def _post(client: httpx.AsyncClient, key: str, code: str, session_id: str | None = None) -> httpx.Response:
+    return await client.post("/tci/execute", json=_execute_body(code, session_id), headers=auth(key))
 
 
 async def create_sessions(
@@ -109,7 +113,7 @@ async def throughput(server: Server, sessions: Sequence[LiveSession], seconds: f
         deadline = start + seconds
 
         async def post(session: LiveSession, code: str) -> int:
-            body = {"code": code, "language": "python", "session_id": session.session_id}
+            body = _execute_body(code, session.session_id)
             async with client.post("/tci/execute", json=body, headers=auth(session.key)) as response:
                 await response.read()
                 return response.status

@@ -120,10 +120,14 @@ class DockerBackend:
         if self._settings.sandbox.library_volumes:
             await self._start_library()
 
-    async def _start_library(self) -> None:
-        """Use the image's library volumes at once if they are complete; otherwise fill them meanwhile."""
+    async def _start_library(self, image: Any = None) -> None:
+        """Use the image's library volumes at once if they are complete; otherwise fill them meanwhile.
+
+        ``image``: the sandbox image as just looked up, if the caller has it.
+        """
         try:
-            image = await self._call(self.client.images.get, self._settings.sandbox.image)
+            if image is None:
+                image = await self._call(self.client.images.get, self._settings.sandbox.image)
             wanted = library.plan(image.attrs)
             self._library_checked = time.monotonic()
             if wanted is None:
@@ -153,7 +157,7 @@ class DockerBackend:
             log.info("library_image_changed", old=current.image_id[:19], new=image.id[:19])
             self._library = None
             if self._library_fill is None or self._library_fill.done():
-                await self._start_library()
+                await self._start_library(image)
         return self._library
 
     async def _fill_library(self, wanted: library.Library) -> None:

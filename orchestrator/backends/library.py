@@ -55,6 +55,11 @@ class Library:
         return tuple(f"{self._tag}-{index}" for index in range(len(self.paths)))
 
     @property
+    def names(self) -> tuple[str, ...]:
+        """Every volume of the set, the marker first."""
+        return (self.marker, *self.volumes)
+
+    @property
     def marker(self) -> str:
         """The empty volume whose existence says the set is complete."""
         return f"{self._tag}-complete"
@@ -88,7 +93,7 @@ def _exists(client: docker.DockerClient, volume: str) -> bool:
 
 def complete(client: docker.DockerClient, library: Library) -> bool:
     """Whether the set is filled and all there (a volume removed by hand makes it incomplete)."""
-    return all(_exists(client, volume) for volume in (library.marker, *library.volumes))
+    return all(_exists(client, volume) for volume in library.names)
 
 
 def fill(client: docker.DockerClient, library: Library, *, wait_seconds: float) -> None:
@@ -117,7 +122,7 @@ def fill(client: docker.DockerClient, library: Library, *, wait_seconds: float) 
             continue
         try:
             # A fill that died half-way left volumes the engine would not copy into again.
-            for volume in (library.marker, *library.volumes):
+            for volume in library.names:
                 with contextlib.suppress(docker.errors.NotFound):
                     client.volumes.get(volume).remove()
             for volume in library.volumes:

@@ -48,7 +48,7 @@ def small_image(docker_client: docker.DockerClient) -> Iterator[library.Library]
     yield wanted
     with contextlib.suppress(docker.errors.ImageNotFound):  # the sweep's test removes it itself
         docker_client.images.remove(tag, force=True)
-    for volume in (wanted.marker, *wanted.volumes):
+    for volume in wanted.names:
         with contextlib.suppress(docker.errors.NotFound):
             docker_client.volumes.get(volume).remove(force=True)
 
@@ -145,8 +145,8 @@ def test_sweep_removes_the_volumes_of_images_that_are_gone(
     library.fill(docker_client, small_image, wait_seconds=60)
     docker_client.images.remove(small_image.image_id, force=True)
     removed = library.sweep(docker_client)
-    assert set(removed) >= {small_image.marker, *small_image.volumes}
-    assert not any(library._exists(docker_client, volume) for volume in (small_image.marker, *small_image.volumes))
+    assert set(removed) >= set(small_image.names)
+    assert not any(library._exists(docker_client, volume) for volume in small_image.names)
     # The sandbox image's own set stays.
     wanted = library.plan(docker_client.images.get(IMAGE).attrs)
     assert wanted is not None
@@ -196,6 +196,6 @@ async def test_a_rebuilt_image_never_mounts_the_old_images_trees(
             await backend.destroy(sandbox_id)
         await backend.close()
         docker_client.images.remove(tag, force=True)
-        for volume in (renewed.marker, *renewed.volumes) if renewed is not None else ():
+        for volume in renewed.names if renewed is not None else ():
             with contextlib.suppress(docker.errors.NotFound):
                 docker_client.volumes.get(volume).remove(force=True)
