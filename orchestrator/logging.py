@@ -9,7 +9,15 @@ import structlog
 
 
 def configure_logging(fmt: str, level: str) -> None:
-    """Configure structlog and route the standard library's loggers (uvicorn's) through it."""
+    """Configure structlog, and route the standard library's loggers (uvicorn's) through the same processors.
+
+    Our own events take structlog's fast path (a filtering bound logger writing its rendered line to
+    stderr) rather than a trip through the standard library's logging: every request logs an access
+    line, and that trip cost a twentieth of the orchestrator's CPU per execute.
+    """
+    number = logging.getLevelNamesMapping().get(level.upper())
+    if number is None:
+        raise ValueError(f"unknown log level {level!r}")
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
@@ -18,23 +26,21 @@ def configure_logging(fmt: str, level: str) -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    # The console renderer formats exceptions itself; JSON needs them as a string field.
+    exceptions: list[structlog.typing.Processor] = [structlog.processors.format_exc_info] if fmt == "json" else []
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, *exceptions, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(number),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info,
-                renderer,
-            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *exceptions, renderer],
         )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(number)
