@@ -106,7 +106,9 @@ class SocketChannels:
 
         listener = _Listener()
 
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain callback, not a coroutine: it runs as the connection is made, where a task could still
+        # be waiting to start when the loop stops, and the connection would then never be closed.
+        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             listener.offer((reader, writer))
 
         listener.server = await asyncio.start_unix_server(on_connect, path=str(path), limit=self._limit)
