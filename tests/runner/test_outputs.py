@@ -221,3 +221,21 @@ async def test_the_interpreter_starts_without_asyncio(fresh_runner):
     assert first.outputs == [{"type": "stdout", "data": "[]\n"}]
     awaited = await fresh_runner.execute("import asyncio\nawait asyncio.sleep(0)\nprint('awaited')")
     assert awaited.outputs == [{"type": "stdout", "data": "awaited\n"}]
+
+
+async def test_top_level_async_forms_run_as_coroutines(runner):
+    # A cell is only checked for top-level await when it holds the word; these do, in every form.
+    code = (
+        "import asyncio, contextlib\n"
+        "async def gen():\n    yield 1\n"
+        "@contextlib.asynccontextmanager\nasync def ctx():\n    yield 'ω'\n"
+        "async for item in gen():\n    print(item)\n"
+        "async with ctx() as value:\n    print(value)\n"
+        "await asyncio.sleep(0)"
+    )
+    result = await runner.execute(code)
+    assert result.outputs == [{"type": "stdout", "data": "1\nω\n"}]
+    plain = await runner.execute("'no await here: async is a word in this string'")
+    assert plain.outputs == [
+        {"type": "execute_result", "data": {"text/plain": "'no await here: async is a word in this string'"}}
+    ]

@@ -109,6 +109,20 @@ class LeanShell(InteractiveShell):
         """``exit()`` / ``quit()``: the interpreter ends after this cell (the runner starts a new one)."""
         self.exit_now = True
 
+    def should_run_async(
+        self, raw_cell: str, *, transformed_cell: str | None = None, preprocessing_exc_tuple: Any = None
+    ) -> bool:
+        # Only an `await`, `async for` or `async with` makes a cell a coroutine; IPython finds out by
+        # compiling the whole cell once more, which a cell without either word is spared.
+        cell = transformed_cell if transformed_cell is not None else raw_cell
+        if cell.isascii() and "await" not in cell and "async" not in cell:
+            return False
+        return bool(
+            super().should_run_async(
+                raw_cell, transformed_cell=transformed_cell, preprocessing_exc_tuple=preprocessing_exc_tuple
+            )
+        )
+
     def _showtraceback(self, etype: type[BaseException], evalue: BaseException, stb: list[str]) -> None:
         self.capture.send({"type": "error", "ename": etype.__name__, "evalue": str(evalue), "traceback": stb})
         self._last_traceback = stb
