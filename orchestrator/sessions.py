@@ -407,6 +407,7 @@ class SessionManager:
         try:
             sandbox = await self._backend.create(claim)
             self._starting.add(sandbox.sandbox_id)
+            client: RunnerClient | None = None
             try:
                 client = await self._backend.connect(sandbox, timeout=self._settings.runner_ready_timeout_seconds)
                 await client.request(
@@ -414,7 +415,11 @@ class SessionManager:
                     {"timeout": self._settings.runner_ready_timeout_seconds},
                     timeout=self._settings.runner_ready_timeout_seconds + 5,
                 )
-            except (OrchestratorError, RunnerRefused) as exc:
+            except BaseException as exc:
+                if client is not None:
+                    await client.close()  # connected but never ready: nobody else holds it
+                if not isinstance(exc, OrchestratorError | RunnerRefused):
+                    raise
                 await self._destroy_quietly(sandbox.sandbox_id, "start_failed")
                 raise SandboxStartFailed(f"sandbox did not become ready: {exc}") from exc
             finally:

@@ -31,6 +31,8 @@ from ..runner_client import close_stream
 SOCKET_NAME: Final = "runner.sock"
 # The kernel's limit on a Unix socket path (sun_path), including the terminating NUL.
 MAX_SOCKET_PATH: Final = 107
+# Loop turns from an accept to its connection's callback (and from a close to the socket's release).
+_SETTLE_TURNS: Final = 3
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -159,6 +161,10 @@ class SocketChannels:
         listener.stopped = True
         if listener.server is not None:
             listener.server.close()
+            # A connection the loop accepted just before is offered, and closed, on its next turns:
+            # let them come while the loop still runs (it may stop right after a shutdown).
+            for _ in range(_SETTLE_TURNS):
+                await asyncio.sleep(0)
         waiting = listener.take()
         if waiting is not None:
             await close_stream(waiting[1])

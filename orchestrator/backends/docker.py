@@ -47,6 +47,8 @@ _STDOUT = 1
 _LIBRARY_FILL_SECONDS = 900.0
 # How often creates look whether the image's tag has moved (a rebuild under a running service).
 _LIBRARY_RECHECK_SECONDS = 10.0
+# Without a set (no image at start, a failed fill): how often to try again.
+_LIBRARY_RETRY_SECONDS = 60.0
 
 
 @contextlib.contextmanager
@@ -145,8 +147,17 @@ class DockerBackend:
         A rebuilt image moves the tag: its sandboxes must not mount the old image's trees, so they
         go without until the new image's set is filled.
         """
+        if not self._settings.sandbox.library_volumes:
+            return None
         current = self._library
-        if current is None or time.monotonic() - self._library_checked < _LIBRARY_RECHECK_SECONDS:
+        since = time.monotonic() - self._library_checked
+        if current is None:
+            # No set yet: the image was missing at start, or a fill failed. Try again now and then.
+            if since >= _LIBRARY_RETRY_SECONDS and (self._library_fill is None or self._library_fill.done()):
+                self._library_checked = time.monotonic()
+                await self._start_library()
+            return self._library
+        if since < _LIBRARY_RECHECK_SECONDS:
             return current
         self._library_checked = time.monotonic()
         try:

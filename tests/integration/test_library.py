@@ -199,3 +199,37 @@ async def test_a_rebuilt_image_never_mounts_the_old_images_trees(
         for volume in renewed.names if renewed is not None else ():
             with contextlib.suppress(docker.errors.NotFound):
                 docker_client.volumes.get(volume).remove(force=True)
+
+
+@pytest.mark.anyio
+async def test_an_image_built_after_start_gets_its_library(
+    docker_client: docker.DockerClient, make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `make up` before the image exists, then a build: sandboxes use the volumes without a restart.
+    tag = f"tci-librarytest:{secrets.token_hex(4)}"
+    backend = DockerBackend(make_settings(sandbox={"image": tag}))
+    await backend.start()
+    wanted: library.Library | None = None
+    made: list[str] = []
+    try:
+        assert not await backend.library_ready(0)
+        dockerfile = f'FROM {BASE_IMAGE}\nLABEL {library.PATHS_LABEL}="{TREES}"\n'
+        image, _ = docker_client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True)
+        wanted = library.plan(image.attrs)
+        assert wanted is not None
+        monkeypatch.setattr("orchestrator.backends.docker._LIBRARY_RETRY_SECONDS", 0.0)
+        made.append((await backend.create_stopped(None)).sandbox_id)  # sets the fill going
+        assert await backend.library_ready(120)
+        sandbox = await backend.create_stopped(None)
+        made.append(sandbox.sandbox_id)
+        mounts = docker_client.api.inspect_container(sandbox.sandbox_id)["Mounts"]
+        assert {m["Name"] for m in mounts if m["Type"] == "volume"} == set(wanted.volumes)
+    finally:
+        for sandbox_id in made:
+            await backend.destroy(sandbox_id)
+        await backend.close()
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker_client.images.remove(tag, force=True)
+        for volume in wanted.names if wanted is not None else ():
+            with contextlib.suppress(docker.errors.NotFound):
+                docker_client.volumes.get(volume).remove(force=True)
