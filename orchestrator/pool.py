@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import structlog
 
-from .backends.base import Backend
+from .backends.base import Backend, ready_client
 from .errors import OrchestratorError
 from .metrics import Metrics
 from .models import SandboxInfo
@@ -95,8 +95,7 @@ class WarmPool:
         if self.size == 0 or not sandbox.running or sandbox.profile != self._profile or len(self._ready) >= self.size:
             return False
         try:
-            client = await self._backend.connect(sandbox, timeout=10)
-            await client.request("ready", {"timeout": 10}, timeout=15)
+            client = await ready_client(self._backend, sandbox, 10)
         except (OrchestratorError, RunnerRefused) as exc:
             log.warning("pool_adopt_failed", sandbox=sandbox.sandbox_id[:12], error=str(exc))
             return False
@@ -145,23 +144,16 @@ class WarmPool:
         self._filling += 1
         began = time.monotonic()
         sandbox: SandboxInfo | None = None
-        client: RunnerClient | None = None
         try:
+            # Cancelled (a shutdown mid-fill), the sandbox stays for the next start to adopt or reap.
             sandbox = await self._backend.create(None)
-            timeout = self._settings.runner_ready_timeout_seconds
-            client = await self._backend.connect(sandbox, timeout=timeout)
-            await client.request("ready", {"timeout": timeout}, timeout=timeout + 5)
+            client = await ready_client(self._backend, sandbox, self._settings.runner_ready_timeout_seconds)
         except (OrchestratorError, RunnerRefused) as exc:
             log.warning("pool_fill_failed", error=str(exc))
             if sandbox is not None:
                 with contextlib.suppress(OrchestratorError):
                     await self._backend.destroy(sandbox.sandbox_id)
             return False
-        except asyncio.CancelledError:
-            # Shutdown mid-fill: the sandbox stays for the next start to adopt or reap, its channel not.
-            if client is not None:
-                await client.close()
-            raise
         finally:
             self._filling -= 1
         self._ready.append((sandbox, client))

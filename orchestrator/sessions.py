@@ -18,7 +18,7 @@ from typing import Any, Literal
 import structlog
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from .backends.base import Backend
+from .backends.base import Backend, first_request, ready_client
 from .errors import (
     CapacityExhausted,
     OrchestratorError,
@@ -222,8 +222,7 @@ class SessionManager:
                 await self._destroy_quietly(sandbox.sandbox_id, "expired" if sandbox.running else "dead")
                 continue
             try:
-                client = await self._backend.connect(sandbox, timeout=10)
-                hello = await client.request("stats", {}, timeout=10)
+                client, hello = await first_request(self._backend, sandbox, 10, "stats", {}, 10)
             except (OrchestratorError, RunnerRefused) as exc:
                 log.warning("adopt_failed", session_id=claim.session_id, error=str(exc))
                 await self._destroy_quietly(sandbox.sandbox_id, "unadoptable")
@@ -407,19 +406,9 @@ class SessionManager:
         try:
             sandbox = await self._backend.create(claim)
             self._starting.add(sandbox.sandbox_id)
-            client: RunnerClient | None = None
             try:
-                client = await self._backend.connect(sandbox, timeout=self._settings.runner_ready_timeout_seconds)
-                await client.request(
-                    "ready",
-                    {"timeout": self._settings.runner_ready_timeout_seconds},
-                    timeout=self._settings.runner_ready_timeout_seconds + 5,
-                )
-            except BaseException as exc:
-                if client is not None:
-                    await client.close()  # connected but never ready: nobody else holds it
-                if not isinstance(exc, OrchestratorError | RunnerRefused):
-                    raise
+                client = await ready_client(self._backend, sandbox, self._settings.runner_ready_timeout_seconds)
+            except (OrchestratorError, RunnerRefused) as exc:
                 await self._destroy_quietly(sandbox.sandbox_id, "start_failed")
                 raise SandboxStartFailed(f"sandbox did not become ready: {exc}") from exc
             finally:

@@ -7,7 +7,7 @@ method may be called concurrently from the event loop and must never block it.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..models import Claim, SandboxInfo
 from ..runner_client import RunnerClient
@@ -79,3 +79,24 @@ class Backend(Protocol):
         Raises:
             BackendUnavailable: the platform failed; the reaper will try again.
         """
+
+
+async def first_request(
+    backend: Backend, sandbox: SandboxInfo, timeout: float, op: str, args: dict[str, Any], reply_timeout: float
+) -> tuple[RunnerClient, dict[str, Any]]:
+    """Connect to ``sandbox``'s runner and send it ``op``; the channel and the reply.
+
+    If the request fails or is cancelled, the channel is closed: nobody else holds it yet.
+    """
+    client = await backend.connect(sandbox, timeout)
+    try:
+        return client, await client.request(op, args, timeout=reply_timeout)
+    except BaseException:
+        await client.close()
+        raise
+
+
+async def ready_client(backend: Backend, sandbox: SandboxInfo, timeout: float) -> RunnerClient:
+    """A channel to ``sandbox``'s runner once its kernel is ready (``timeout`` for each step)."""
+    client, _ = await first_request(backend, sandbox, timeout, "ready", {"timeout": timeout}, timeout + 5)
+    return client
