@@ -171,6 +171,13 @@ async def scale(ctx: Context) -> None:
         jupyter_throughput, ctx.docker, ctx.settings("floor"), level, plan.throughput_seconds, load.SNIPPETS
     )
     say(f"raw Jupyter kernels at {level}: {ctx.figures['jupyter_throughput']['per_second']:.1f} exec/s")
+    if 1 in plan.throughput_levels and level != 1:
+        # Figure 5b at one session compares with one raw kernel driven the same way (same snippets, one
+        # caller): the latency phase's floor runs print(1) alone, which costs a kernel more than x = 1.
+        say("one raw Jupyter kernel, driven the same way (the CPU yardstick at one session)")
+        ctx.figures["jupyter_single"] = await asyncio.to_thread(
+            jupyter_throughput, ctx.docker, ctx.settings("floor"), 1, plan.throughput_seconds, load.SNIPPETS
+        )
 
 
 def peers(ctx: Context) -> None:

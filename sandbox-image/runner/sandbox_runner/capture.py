@@ -117,7 +117,7 @@ class OutputStream(io.TextIOBase):
         text = "".join(self._parts)
         self._parts.clear()
         self._size = 0
-        if os.getpid() == self._capture.pid:
+        if not self._capture.forked:
             self._sent_at = time.monotonic()
             self._capture.send_text(self._name, text)
             return
@@ -140,6 +140,8 @@ class Capture:
         self._channel = channel
         self._cap = max_stream_bytes
         self._names: dict[int, str] = {}
+        # Which pipes hold data, asked in one call before reading: most drains find both empty.
+        self._readable = select.poll()
         # Spare copies of the write ends (not inherited): user code that closes fd 1 or 2 gets them back
         # at the next cell.
         self._spares: dict[int, tuple[int, tuple[int, int]]] = {}
@@ -150,11 +152,13 @@ class Capture:
             self._spares[fd] = (write_end, (status.st_dev, status.st_ino))
             os.set_blocking(read_end, False)
             self._names[read_end] = name
+            self._readable.register(read_end, select.POLLIN)
         self.streams = {name: OutputStream(fd, name, self) for fd, name in zip((1, 2), STREAMS, strict=True)}
         self._decoders = {name: _decoder() for name in STREAMS}
         self._active = False
-        # The process that reads the pipes; a forked child writes into them instead.
-        self.pid = os.getpid()
+        # A forked child writes into the pipes instead of reading them (a flag: no system call per check).
+        self.forked = False
+        os.register_at_fork(after_in_child=self._forget)
         self.used = dict.fromkeys(STREAMS, 0)
         self.dropped = dict.fromkeys(STREAMS, 0)
         threading.Thread(target=self._pump, name="tci-output", daemon=True).start()
@@ -214,28 +218,31 @@ class Capture:
         with self._channel.lock:
             self._drain(only=name)
 
+    def _forget(self) -> None:
+        self.forked = True
+
     def _drain(self, only: str | None = None) -> None:
-        if os.getpid() != self.pid:
-            return  # a forked child: the pipes are its parent's to read
-        for fd, name in self._names.items():
-            if only is not None and name != only:
+        """Send what waits in the pipes now (the caller holds the channel's lock)."""
+        if self.forked:
+            return  # the pipes are the parent's to read
+        for fd, _ in self._readable.poll(0):
+            if only is not None and self._names.get(fd) != only:
                 continue
             for _ in range(_DRAIN_READS):
-                if not self._forward(fd):
-                    break
+                if self._forward(fd) < _READ_BYTES:
+                    break  # a short read emptied the pipe
 
-    def _forward(self, fd: int) -> bool:
-        """Read once from ``fd`` and send it; False when nothing was there. Takes the channel's lock."""
+    def _forward(self, fd: int) -> int:
+        """Read once from ``fd`` and send it; the bytes read (0: none were there). Takes the channel's lock."""
         with self._channel.lock:
             try:
                 data = os.read(fd, _READ_BYTES)
             except OSError:  # BlockingIOError: another reader took it
-                return False
-            if not data:
-                return False
-            name = self._names[fd]
-            self._emit(name, self._decoders[name].decode(data))
-            return True
+                return 0
+            if data:
+                name = self._names[fd]
+                self._emit(name, self._decoders[name].decode(data))
+            return len(data)
 
     def _emit(self, name: str, text: str) -> None:
         """Send ``text`` of stream ``name`` within the cap (the caller holds the channel's lock)."""
