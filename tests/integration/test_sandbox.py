@@ -105,3 +105,24 @@ def test_infinite_loop_times_out_and_the_session_survives(make_settings):
         assert text_of(data, "stdout") == "start\n"
         assert "2 s" in text_of(data, "error")
         assert text_of(execute(api, "print(x)", sid), "stdout") == "42\n"
+
+
+def test_imports_go_through_held_directories_in_the_interpreter_and_its_children(api):
+    """Every Python process of the sandbox imports from the image's trees relative to held directories."""
+    probe = (
+        "from importlib import _bootstrap_external as external\n"
+        "from sandbox_runner import lookups\n"
+        "print(external._path_stat.__module__, sorted(root.prefix for root in lookups._roots))"
+    )
+    expected = "sandbox_runner.lookups ['/opt/venv/', '/usr/lib/python3.11/']"
+    data = execute(
+        api,
+        f"{probe}\nimport subprocess, sys\n"
+        f"print(subprocess.run([sys.executable, '-c', {probe!r}], capture_output=True, text=True).stdout, end='')\n"
+        "import pandas, json\nprint(pandas.__file__)",
+    )
+    assert text_of(data, "stdout").splitlines() == [
+        expected,
+        expected,
+        "/opt/venv/lib/python3.11/site-packages/pandas/__init__.py",
+    ], data
