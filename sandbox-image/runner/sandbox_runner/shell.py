@@ -22,14 +22,16 @@ from pathlib import Path
 from typing import Any, Final
 
 from IPython.core import page
+from IPython.core.compilerop import CachingCompiler
 from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
 from IPython.core.error import StdinNotImplementedError, UsageError
 from IPython.core.interactiveshell import InteractiveShell
-from traitlets import CBool, Type
+from traitlets import CBool, Instance, Type
 from traitlets.config import Config
 
 from .capture import Capture
+from .cells import CellTransformer, reusing_parses
 
 # Processes the interpreter starts run below it (and far below the runner): a busy background process
 # can starve neither the cell that started it nor the interrupt that stops it.
@@ -83,6 +85,8 @@ class LeanShell(InteractiveShell):
 
     displayhook_class = Type(_DisplayHook)
     display_pub_class = Type(_DisplayPublisher)
+    # IPython's input transformations, skipped for a cell they would not change (cells.py).
+    input_transformer_manager = Instance(CellTransformer, ())
     # As in ipykernel: no terminal, so no readline and no auto-indent.
     readline_use = CBool(False)
     autoindent = CBool(False)
@@ -154,8 +158,10 @@ def build(capture: Capture) -> LeanShell:
     with contextlib.suppress(FileNotFoundError):
         tempfile.gettempdir()
     tempfile.tempdir = tempfile.tempdir or "/tmp"
-    compiler = _jupyter_compiler()
-    shell = LeanShell.instance(config=config, **({"compiler_class": compiler} if compiler else {}))
+    transformer = CellTransformer()
+    compiler = reusing_parses(_jupyter_compiler() or CachingCompiler, transformer)
+    shell = LeanShell.instance(config=config, compiler_class=compiler, input_transformer_manager=transformer)
+    transformer.compiler = shell.compile
     shell.capture = capture
     builtins.input = _no_input
     getpass.getpass = _no_getpass
