@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import random
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,16 @@ def test_the_compiler_takes_the_parse_that_showed_a_cell_plain() -> None:
     other = compiler.ast_parse("y = 3\n", "cell-2")
     assert isinstance(other.body[0], ast.Assign)
     assert other.body[0].value.value == 3  # type: ignore[attr-defined]
+
+
+def test_the_cell_name_hash_matches_ipykernels() -> None:
+    """Cells are named by a hash of their text (as in a Jupyter kernel); the faster one gives the same names."""
+    from ipykernel.compiler import murmur2_x86 as ipykernels
+    from sandbox_runner.shell import murmur2_x86
+
+    rnd = random.Random(7)
+    alphabet = "ab \n\t=()" + "é€😀\u2028"
+    for length in [*range(40), 1000, 4097]:
+        text = "".join(rnd.choice(alphabet) for _ in range(length))
+        for seed in (0, 0xC70F6907, 0xFFFFFFFF):
+            assert murmur2_x86(text, seed) == ipykernels(text, seed), (length, seed)

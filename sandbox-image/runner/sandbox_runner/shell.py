@@ -15,6 +15,7 @@ import getpass
 import importlib.util
 import os
 import signal
+import struct
 import subprocess
 import tempfile
 import weakref
@@ -188,7 +189,41 @@ def _jupyter_compiler() -> type | None:
     except Exception:  # noqa: BLE001 - an ipykernel without it: IPython's own names
         return None
     compiler = getattr(module, "XCachingCompiler", None)
+    original = getattr(module, "murmur2_x86", None)
+    # The hash that names a cell's file, in pure Python over every byte of the cell: a faster one
+    # where it gives the same names (0.18 -> 0.09 ms for a 2 KB cell).
+    if callable(original) and all(murmur2_x86(probe, seed) == original(probe, seed) for probe, seed in _MURMUR_PROBES):
+        module.murmur2_x86 = murmur2_x86  # type: ignore[attr-defined]
     return compiler if isinstance(compiler, type) else None
+
+
+_MURMUR_PROBES: Final = [
+    (text, seed) for text in ("", "a", "ab", "abc", "print(1)\n", "é€😀\n" * 7) for seed in (0, 0xC70F6907)
+]
+
+
+def murmur2_x86(data: str, seed: int) -> int:
+    """ipykernel's ``murmur2_x86`` (32-bit MurmurHash2 of ``data`` as UTF-8), the same values, in half the time."""
+    raw = data.encode("utf8")
+    length = len(raw)
+    m = 0x5BD1E995
+    h = seed ^ length
+    end = length & ~3
+    for block in struct.unpack_from(f"<{end >> 2}I", raw):
+        k = (block * m) & 0xFFFFFFFF
+        k ^= k >> 24
+        h = ((h * m) & 0xFFFFFFFF) ^ ((k * m) & 0xFFFFFFFF)
+    tail = length & 3
+    if tail:
+        k = raw[end]
+        if tail >= 2:
+            k |= raw[end + 1] << 8
+        if tail == 3:
+            k |= raw[end + 2] << 16
+        h = ((h ^ k) * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    return h ^ (h >> 15)
 
 
 def run_shell(cmd: str) -> int:
