@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,14 @@ SPECIAL = [
     "x = 'unterminated",
     "print(1 <> 2)",
     "x = 1 # why?",
+    # Line breaks that IPython's tokenizing splits at and Python's parser does not.
+    "s = 'a\x0c    b\x0c  c'",
+    "s = 'a\u2028    b\u2028  c'",
+    "# a\x0c    b\x0c  c\nx = 1",
+    "x = 1 + \\\r    2 + \\\r  3\r",
+    "s = 'a\u2028b'",
+    # Python's parser gives up (MemoryError) where IPython's tokenizing does not.
+    "x = " + "-" * 20000 + "1",
     "a = 5\na?\\\n",
 ]
 
@@ -106,7 +115,7 @@ def test_an_added_transformation_applies_to_every_cell() -> None:
 def test_the_compiler_takes_the_parse_that_showed_a_cell_plain() -> None:
     transformer = CellTransformer()
     compiler = reusing_parses(CachingCompiler, transformer)()
-    transformer.compiler = compiler
+    transformer.shell = type("Shell", (), {"compile": compiler, "execution_count": 1})()
     source = transformer.transform_cell("x = 1")
     kept = transformer.parses._last
     assert kept is not None
@@ -130,3 +139,16 @@ def test_the_cell_name_hash_matches_ipykernels() -> None:
         text = "".join(rnd.choice(alphabet) for _ in range(length))
         for seed in (0, 0xC70F6907, 0xFFFFFFFF):
             assert murmur2_x86(text, seed) == ipykernels(text, seed), (length, seed)
+
+
+def test_a_warning_from_the_parse_names_the_cell_as_ipython_would() -> None:
+    transformer = CellTransformer()
+    compiler = reusing_parses(CachingCompiler, transformer)()
+    transformer.shell = type("Shell", (), {"compile": compiler, "execution_count": 5})()
+    cell = "x = '\\d'"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        source = transformer.transform_cell(cell)
+        compiler.ast_parse(source, compiler.cache(source, 5, raw_code=cell))
+    assert [str(w.message) for w in caught] == ["invalid escape sequence '\\d'"]
+    assert caught[0].filename == compiler.get_code_name(cell, source, 5)

@@ -22,13 +22,14 @@ for path, text in {"pkg/__init__.py": "VALUE = 'pkg'", "pkg/sub/__init__.py": ""
 sys.path.insert(0, root)
 held = lookups.install([root, "/no/such/directory"], require_read_only=False)
 relative = []
-stat = os.stat
-def spy(path, *args, dir_fd=None, **kwargs):
-    if dir_fd is not None:
-        relative.append(path)
-    return stat(path, *args, dir_fd=dir_fd, **kwargs)
+def spying(function):
+    def spy(path, *args, dir_fd=None, **kwargs):
+        if dir_fd is not None:
+            relative.append(path)
+        return function(path, *args, dir_fd=dir_fd, **kwargs)
+    return spy
 lookups.posix = type(sys)("posix")
-vars(lookups.posix).update(vars(os), stat=spy)
+vars(lookups.posix).update(vars(os), stat=spying(os.stat), open=spying(os.open))
 """
 
 
@@ -52,11 +53,29 @@ def test_imports_from_a_held_tree_use_paths_relative_to_it(tmp_path: Path) -> No
         import pkg.sub.mod
         import importlib.resources
         print(held, pkg.sub.mod.VALUE, pkg.sub.mod.__file__ == f"{root}/pkg/sub/mod.py")
-        print(importlib.resources.files("pkg").joinpath("data.txt").read_text())
-        print(any(p.endswith("pkg/sub/mod.py") for p in relative))
+        import pkgutil
+        print(importlib.resources.files("pkg").joinpath("data.txt").read_text(), pkgutil.get_data("pkg", "data.txt"))
+        print(any(p.endswith("pkg/sub/mod.py") for p in relative), "pkg/data.txt" in relative)
         """,
     )
-    assert out == ["True", "mod", "True", "payload", "True"]
+    assert out == ["True", "mod", "True", "payload", "b'payload'", "True", "True"]
+
+
+def test_errors_and_doubled_slashes_behave_as_with_plain_paths(tmp_path: Path) -> None:
+    out = _run(
+        tmp_path,
+        """
+        import pkgutil
+        try:
+            pkgutil.get_data("pkg", "missing.txt")
+        except FileNotFoundError as exc:
+            print(exc.filename == f"{root}/pkg/missing.txt")
+        # The directory named with a doubled slash, not "/" (the descriptor is ignored for an absolute rest).
+        print(sorted(external._os.listdir(root + "//")) == sorted(os.listdir(root)))
+        print(external._path_stat(root + "//pkg").st_ino == os.stat(root + "/pkg").st_ino)
+        """,
+    )
+    assert out == ["True", "True", "True"]
 
 
 def test_a_closed_or_replaced_descriptor_falls_back_to_the_path(tmp_path: Path) -> None:

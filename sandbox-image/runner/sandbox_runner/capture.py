@@ -117,7 +117,7 @@ class OutputStream(io.TextIOBase):
         text = "".join(self._parts)
         self._parts.clear()
         self._size = 0
-        if not self._capture.forked:
+        if os.getpid() == self._capture.pid:
             self._sent_at = time.monotonic()
             self._capture.send_text(self._name, text)
             return
@@ -156,9 +156,9 @@ class Capture:
         self.streams = {name: OutputStream(fd, name, self) for fd, name in zip((1, 2), STREAMS, strict=True)}
         self._decoders = {name: _decoder() for name in STREAMS}
         self._active = False
-        # A forked child writes into the pipes instead of reading them (a flag: no system call per check).
-        self.forked = False
-        os.register_at_fork(after_in_child=self._forget)
+        # The process that reads the pipes; a forked child writes into them instead. Asked of the kernel
+        # each time: a child forked by C code (no at-fork hooks) must know it is one too.
+        self.pid = os.getpid()
         self.used = dict.fromkeys(STREAMS, 0)
         self.dropped = dict.fromkeys(STREAMS, 0)
         threading.Thread(target=self._pump, name="tci-output", daemon=True).start()
@@ -218,13 +218,10 @@ class Capture:
         with self._channel.lock:
             self._drain(only=name)
 
-    def _forget(self) -> None:
-        self.forked = True
-
     def _drain(self, only: str | None = None) -> None:
         """Send what waits in the pipes now (the caller holds the channel's lock)."""
-        if self.forked:
-            return  # the pipes are the parent's to read
+        if os.getpid() != self.pid:
+            return  # a forked child: the pipes are the parent's to read
         for fd, _ in self._readable.poll(0):
             if only is not None and self._names.get(fd) != only:
                 continue

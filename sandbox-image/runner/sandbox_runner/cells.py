@@ -26,13 +26,18 @@ _ASSIGNED: Final = re.compile(r"=\s*(?:\\\s*)*[%!]")
 _PROMPT: Final = re.compile(r"^\s*(?:>>>|\.\.\.|(?:\[nav\]|\[ins\])?\s*In \[|\.{3,}:)")
 # Lines of spaces and tabs only: IPython's dedent empties them, inside strings too.
 _SPACES_ONLY: Final = re.compile(r"^[ \t]+$", re.MULTILINE)
+# Line breaks other than "\n": IPython's tokenizing splits lines at them (str.splitlines), Python's
+# parser does not, so the two can disagree about indentation.
+_OTHER_BREAKS: Final = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 def free_of_ipython_syntax(cell: str) -> bool:
     """Whether ``cell`` has nothing IPython's static transformations act on (a check of its text only)."""
-    if not cell or cell[0].isspace() or _ASSIGNED.search(cell) or _SPACES_ONLY.search(cell):
+    if not cell or cell[0].isspace() or _OTHER_BREAKS.search(cell):
         return False
-    for line in cell.splitlines():  # the line breaks IPython splits on, not only "\n"
+    if _ASSIGNED.search(cell) or _SPACES_ONLY.search(cell):
+        return False
+    for line in cell.split("\n"):
         stripped = line.strip()
         if stripped[:1] in _ESCAPES or stripped.rstrip("\\").rstrip().endswith("?") or _PROMPT.match(line):
             return False
@@ -45,10 +50,10 @@ class Parses:
     def __init__(self) -> None:
         self._last: tuple[str, int, ast.Module] | None = None
 
-    def parse(self, source: str, flags: int) -> ast.Module:
-        """``source`` parsed as IPython's compiler parses a cell with ``flags``; raises SyntaxError."""
+    def parse(self, source: str, filename: str, flags: int) -> ast.Module:
+        """``source`` parsed as IPython's compiler parses the cell ``filename`` with ``flags``."""
         self._last = None
-        tree: ast.Module = compile(source, "<cell>", "exec", flags | ast.PyCF_ONLY_AST, dont_inherit=True)
+        tree: ast.Module = compile(source, filename, "exec", flags | ast.PyCF_ONLY_AST, dont_inherit=True)
         self._last = (source, flags, tree)
         return tree
 
@@ -63,14 +68,15 @@ class Parses:
 class CellTransformer(TransformerManager):
     """IPython's ``TransformerManager`` that returns a cell it would not change without tokenizing it.
 
-    ``parses`` and ``flags`` come from the shell's compiler (``reusing_parses``), once it exists.
+    ``shell`` is set once the shell exists: its compiler's flags and cell names are those of the
+    parse that shows a cell plain, which its compiler then takes (``reusing_parses``).
     """
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._defaults = (list(self.cleanup_transforms), list(self.line_transforms), list(self.token_transformers))
         self.parses = Parses()
-        self.compiler: Any = None
+        self.shell: Any = None
 
     def unchanged(self, cell: str) -> bool:
         """Whether IPython's static transformations would return ``cell`` as it is (plus a final newline)."""
@@ -80,9 +86,14 @@ class CellTransformer(TransformerManager):
         if not free_of_ipython_syntax(cell):
             return False
         source = cell if cell.endswith("\n") else cell + "\n"
+        flags, filename = 0, "<cell>"
+        if self.shell is not None:
+            # The name IPython will compile it under, so a warning the parse gives names the cell as before.
+            flags = self.shell.compile.flags
+            filename = self.shell.compile.get_code_name(cell, source, self.shell.execution_count)
         try:
-            self.parses.parse(source, self.compiler.flags if self.compiler is not None else 0)
-        except (SyntaxError, ValueError):
+            self.parses.parse(source, filename, flags)
+        except Exception:  # noqa: BLE001 - SyntaxError, MemoryError, RecursionError...: IPython's path shows it
             return False
         return True
 
@@ -93,9 +104,21 @@ class CellTransformer(TransformerManager):
 
 
 def reusing_parses(compiler_class: type, transformer: CellTransformer) -> type:
-    """A subclass of IPython's cell compiler class whose ``ast_parse`` first takes ``transformer``'s parse."""
+    """A subclass of IPython's cell compiler class whose ``ast_parse`` first takes ``transformer``'s parse
+    (and which names a cell once for both)."""
 
     class Compiler(compiler_class):  # type: ignore[misc]
+        _last_name: tuple[tuple[str, str, int], str] | None = None
+
+        def get_code_name(self, raw_code: str, transformed_code: str, number: int) -> str:
+            # Asked for twice per plain cell (its parse, then IPython's cache of it): the hash once.
+            key = (raw_code, transformed_code, number)
+            if self._last_name is not None and self._last_name[0] == key:
+                return self._last_name[1]
+            name = str(super().get_code_name(raw_code, transformed_code, number))
+            self._last_name = (key, name)
+            return name
+
         def ast_parse(self, source: str, filename: str = "<unknown>", symbol: str = "exec") -> Any:
             if symbol == "exec":
                 tree = transformer.parses.take(source, self.flags)

@@ -11,8 +11,10 @@ The interpreter's own import system (``importlib._bootstrap_external``) is point
 descriptors held on the standard library and the virtualenv: a lookup under one of them is made
 relative to the descriptor (``dir_fd``), which starts the walk past ``/``. Only read-only trees are
 held, so what a path names there cannot change; a descriptor that user code closed or replaced is
-noticed (its identity is checked on every use) and the plain path is used from then on. Nothing else
-changes: ``__file__``, ``sys.path`` and tracebacks keep their absolute paths.
+noticed (its identity is checked on every use) and the plain path is used from then on, as it is for
+any lookup that fails, so errors name the absolute path as before. Nothing else changes:
+``__file__``, ``sys.path`` and tracebacks keep their absolute paths; audit hooks see the relative
+path of an ``open``.
 
 Loaded from a ``.pth`` file of the image's virtualenv, so every Python process there (the runner,
 the interpreter, ``!pip``, a user's ``python script.py``) gets it at start-up. ``python -S`` or
@@ -74,36 +76,51 @@ def _relative(path: Any) -> tuple[str, int] | None:
         return None
     for root in _roots:
         if path.startswith(root.prefix) and root.check():
-            return path[len(root.prefix) :] or ".", root.fd
+            rest = path[len(root.prefix) :]
+            # "/opt/venv//lib": a rest that is absolute would ignore the descriptor.
+            return None if rest.startswith("/") else (rest or ".", root.fd)
     return None
+
+
+# Each function below falls back to the plain path on any error, so that what fails, fails as it
+# would have: the same exception, naming the absolute path.
 
 
 def _path_stat(path: str) -> os.stat_result:
     found = _relative(path)
-    if found is None:
-        return posix.stat(path)
-    return posix.stat(found[0], dir_fd=found[1])
+    if found is not None:
+        try:
+            return posix.stat(found[0], dir_fd=found[1])
+        except OSError:
+            pass
+    return posix.stat(path)
 
 
 def _listdir(path: Any = None) -> list[str]:
     found = _relative(path)
-    if found is None:
-        return posix.listdir(path) if path is not None else posix.listdir()
-    fd = posix.open(found[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=found[1])
-    try:
-        return posix.listdir(fd)
-    finally:
-        posix.close(fd)
+    if found is not None:
+        try:
+            fd = posix.open(found[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=found[1])
+            try:
+                return posix.listdir(fd)
+            finally:
+                posix.close(fd)
+        except OSError:
+            pass
+    return posix.listdir(path) if path is not None else posix.listdir()
 
 
 def _get_data(original: Callable[[Any, Any], bytes]) -> Callable[[Any, Any], bytes]:
     def get_data(self: Any, path: Any) -> bytes:
         found = _relative(path)
-        if found is None:
-            return original(self, path)
-        fd = posix.open(found[0], os.O_RDONLY | os.O_CLOEXEC, dir_fd=found[1])
-        with open(fd, "rb", buffering=0, closefd=True) as file:
-            return file.read()
+        if found is not None:
+            try:
+                fd = posix.open(found[0], os.O_RDONLY | os.O_CLOEXEC, dir_fd=found[1])
+                with open(fd, "rb", buffering=0, closefd=True) as file:
+                    return file.read()
+            except OSError:
+                pass
+        return original(self, path)
 
     return get_data
 

@@ -162,7 +162,7 @@ def build(capture: Capture) -> LeanShell:
     transformer = CellTransformer()
     compiler = reusing_parses(_jupyter_compiler() or CachingCompiler, transformer)
     shell = LeanShell.instance(config=config, compiler_class=compiler, input_transformer_manager=transformer)
-    transformer.compiler = shell.compile
+    transformer.shell = shell
     shell.capture = capture
     builtins.input = _no_input
     getpass.getpass = _no_getpass
