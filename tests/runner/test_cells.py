@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from IPython.core.compilerop import CachingCompiler
 from IPython.core.inputtransformer2 import TransformerManager
+from sandbox_runner import cells
 from sandbox_runner.cells import CellTransformer, reusing_parses
 
 # Cells IPython rewrites (or refuses), each close to plain Python.
@@ -141,14 +142,17 @@ def test_the_cell_name_hash_matches_ipykernels() -> None:
             assert murmur2_x86(text, seed) == ipykernels(text, seed), (length, seed)
 
 
-def test_a_warning_from_the_parse_names_the_cell_as_ipython_would() -> None:
+def test_a_cell_whose_parse_warns_takes_ipythons_path_and_warns_once_under_its_name() -> None:
     transformer = CellTransformer()
     compiler = reusing_parses(CachingCompiler, transformer)()
     transformer.shell = type("Shell", (), {"compile": compiler, "execution_count": 5})()
     cell = "x = '\\d'"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        assert not transformer.unchanged(cell)
         source = transformer.transform_cell(cell)
-        compiler.ast_parse(source, compiler.cache(source, 5, raw_code=cell))
-    assert [str(w.message) for w in caught] == ["invalid escape sequence '\\d'"]
-    assert caught[0].filename == compiler.get_code_name(cell, source, 5)
+        assert caught == []
+        name = compiler.cache(source, 5, raw_code=cell)
+        compiler.ast_parse(source, name)
+    assert [(str(w.message), w.filename) for w in caught] == [("invalid escape sequence '\\d'", name)]
+    assert cells._PARSE_WARNINGS_ARE_ERRORS not in warnings.filters

@@ -13,8 +13,10 @@ what a cell means and the errors it shows stay IPython's.
 from __future__ import annotations
 
 import ast
+import contextlib
 import re
-from typing import Any, Final
+import warnings
+from typing import Any, Final, cast
 
 from IPython.core.inputtransformer2 import TransformerManager
 
@@ -26,6 +28,9 @@ _ASSIGNED: Final = re.compile(r"=\s*(?:\\\s*)*[%!]")
 _PROMPT: Final = re.compile(r"^\s*(?:>>>|\.\.\.|(?:\[nav\]|\[ins\])?\s*In \[|\.{3,}:)")
 # Lines of spaces and tabs only: IPython's dedent empties them, inside strings too.
 _SPACES_ONLY: Final = re.compile(r"^[ \t]+$", re.MULTILINE)
+# The file name of the parse that shows a cell plain, and the filter that makes its warnings errors.
+_PARSE_NAME: Final = "<tci-plain-cell-check>"
+_PARSE_WARNINGS_ARE_ERRORS: Final = ("error", None, Warning, re.compile(re.escape(_PARSE_NAME) + r"\Z"), 0)
 # Line breaks other than "\n": IPython's tokenizing splits lines at them (str.splitlines), Python's
 # parser does not, so the two can disagree about indentation.
 _OTHER_BREAKS: Final = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
@@ -50,10 +55,23 @@ class Parses:
     def __init__(self) -> None:
         self._last: tuple[str, int, ast.Module] | None = None
 
-    def parse(self, source: str, filename: str, flags: int) -> ast.Module:
-        """``source`` parsed as IPython's compiler parses the cell ``filename`` with ``flags``."""
+    def parse(self, source: str, flags: int) -> ast.Module:
+        """``source`` parsed as IPython's compiler parses a cell with ``flags``.
+
+        A warning the parse would give (an invalid escape sequence, say) is raised instead, so that
+        such a cell takes IPython's path and its warning comes from IPython's own parse, under the
+        cell's name. The filter that does so is scoped to this parse's own file name: a warning from
+        anywhere else (a thread of the user's) is untouched, and the filters' version is not bumped
+        (``catch_warnings`` would make every "default" warning show again after each cell).
+        """
         self._last = None
-        tree: ast.Module = compile(source, filename, "exec", flags | ast.PyCF_ONLY_AST, dont_inherit=True)
+        filters = cast(list[Any], warnings.filters)  # looked up each time: catch_warnings rebinds it
+        filters.insert(0, _PARSE_WARNINGS_ARE_ERRORS)
+        try:
+            tree: ast.Module = compile(source, _PARSE_NAME, "exec", flags | ast.PyCF_ONLY_AST, dont_inherit=True)
+        finally:
+            with contextlib.suppress(ValueError):
+                filters.remove(_PARSE_WARNINGS_ARE_ERRORS)
         self._last = (source, flags, tree)
         return tree
 
@@ -68,8 +86,8 @@ class Parses:
 class CellTransformer(TransformerManager):
     """IPython's ``TransformerManager`` that returns a cell it would not change without tokenizing it.
 
-    ``shell`` is set once the shell exists: its compiler's flags and cell names are those of the
-    parse that shows a cell plain, which its compiler then takes (``reusing_parses``).
+    ``shell`` is set once the shell exists: its compiler's flags are those of the parse that shows a
+    cell plain, which its compiler then takes (``reusing_parses``).
     """
 
     def __init__(self) -> None:
@@ -86,14 +104,9 @@ class CellTransformer(TransformerManager):
         if not free_of_ipython_syntax(cell):
             return False
         source = cell if cell.endswith("\n") else cell + "\n"
-        flags, filename = 0, "<cell>"
-        if self.shell is not None:
-            # The name IPython will compile it under, so a warning the parse gives names the cell as before.
-            flags = self.shell.compile.flags
-            filename = self.shell.compile.get_code_name(cell, source, self.shell.execution_count)
         try:
-            self.parses.parse(source, filename, flags)
-        except Exception:  # noqa: BLE001 - SyntaxError, MemoryError, RecursionError...: IPython's path shows it
+            self.parses.parse(source, self.shell.compile.flags if self.shell is not None else 0)
+        except Exception:  # noqa: BLE001 - SyntaxError, a warning, MemoryError...: IPython's path shows it
             return False
         return True
 
@@ -104,21 +117,9 @@ class CellTransformer(TransformerManager):
 
 
 def reusing_parses(compiler_class: type, transformer: CellTransformer) -> type:
-    """A subclass of IPython's cell compiler class whose ``ast_parse`` first takes ``transformer``'s parse
-    (and which names a cell once for both)."""
+    """A subclass of IPython's cell compiler class whose ``ast_parse`` first takes ``transformer``'s parse."""
 
     class Compiler(compiler_class):  # type: ignore[misc]
-        _last_name: tuple[tuple[str, str, int], str] | None = None
-
-        def get_code_name(self, raw_code: str, transformed_code: str, number: int) -> str:
-            # Asked for twice per plain cell (its parse, then IPython's cache of it): the hash once.
-            key = (raw_code, transformed_code, number)
-            if self._last_name is not None and self._last_name[0] == key:
-                return self._last_name[1]
-            name = str(super().get_code_name(raw_code, transformed_code, number))
-            self._last_name = (key, name)
-            return name
-
         def ast_parse(self, source: str, filename: str = "<unknown>", symbol: str = "exec") -> Any:
             if symbol == "exec":
                 tree = transformer.parses.take(source, self.flags)

@@ -11,8 +11,8 @@ The interpreter's own import system (``importlib._bootstrap_external``) is point
 descriptors held on the standard library and the virtualenv: a lookup under one of them is made
 relative to the descriptor (``dir_fd``), which starts the walk past ``/``. Only read-only trees are
 held, so what a path names there cannot change; a descriptor that user code closed or replaced is
-noticed (its identity is checked on every use) and the plain path is used from then on, as it is for
-any lookup that fails, so errors name the absolute path as before. Nothing else changes:
+noticed (its identity is checked on every use) and the plain path is used from then on; a lookup that
+fails raises the error the plain path would have, naming the absolute path. Nothing else changes:
 ``__file__``, ``sys.path`` and tracebacks keep their absolute paths; audit hooks see the relative
 path of an ``open``.
 
@@ -82,45 +82,46 @@ def _relative(path: Any) -> tuple[str, int] | None:
     return None
 
 
-# Each function below falls back to the plain path on any error, so that what fails, fails as it
-# would have: the same exception, naming the absolute path.
+# A lookup that fails raises what the plain path would have (the same error, naming the absolute
+# path) without trying that path too: misses are common (a package's __init__ is looked for as an
+# extension module first) and each would cost the round trip this module avoids.
 
 
 def _path_stat(path: str) -> os.stat_result:
     found = _relative(path)
-    if found is not None:
-        try:
-            return posix.stat(found[0], dir_fd=found[1])
-        except OSError:
-            pass
-    return posix.stat(path)
+    if found is None:
+        return posix.stat(path)
+    try:
+        return posix.stat(found[0], dir_fd=found[1])
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None
 
 
 def _listdir(path: Any = None) -> list[str]:
     found = _relative(path)
-    if found is not None:
+    if found is None:
+        return posix.listdir(path) if path is not None else posix.listdir()
+    try:
+        fd = posix.open(found[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=found[1])
         try:
-            fd = posix.open(found[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=found[1])
-            try:
-                return posix.listdir(fd)
-            finally:
-                posix.close(fd)
-        except OSError:
-            pass
-    return posix.listdir(path) if path is not None else posix.listdir()
+            return posix.listdir(fd)
+        finally:
+            posix.close(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None
 
 
 def _get_data(original: Callable[[Any, Any], bytes]) -> Callable[[Any, Any], bytes]:
     def get_data(self: Any, path: Any) -> bytes:
         found = _relative(path)
-        if found is not None:
-            try:
-                fd = posix.open(found[0], os.O_RDONLY | os.O_CLOEXEC, dir_fd=found[1])
-                with open(fd, "rb", buffering=0, closefd=True) as file:
-                    return file.read()
-            except OSError:
-                pass
-        return original(self, path)
+        if found is None:
+            return original(self, path)
+        try:
+            fd = posix.open(found[0], os.O_RDONLY | os.O_CLOEXEC, dir_fd=found[1])
+            with open(fd, "rb", buffering=0, closefd=True) as file:
+                return file.read()
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, path) from None
 
     return get_data
 
