@@ -156,8 +156,8 @@ class Capture:
         self.streams = {name: OutputStream(fd, name, self) for fd, name in zip((1, 2), STREAMS, strict=True)}
         self._decoders = {name: _decoder() for name in STREAMS}
         self._active = False
-        # The process that reads the pipes; a forked child writes into them instead. Asked of the kernel
-        # each time: a child forked by C code (no at-fork hooks) must know it is one too.
+        # The process that reads the pipes; a forked child writes into them instead. Compared with getpid()
+        # each time, not set by an at-fork hook: a child forked from C code runs no such hook.
         self.pid = os.getpid()
         self.used = dict.fromkeys(STREAMS, 0)
         self.dropped = dict.fromkeys(STREAMS, 0)
