@@ -86,8 +86,10 @@ class KubernetesBackend:
         self._ws: WsApiClient | None = None
         # Pod name -> the resourceVersion last seen, so a claim usually needs no GET first.
         self._versions: dict[str, str] = {}
-        # Attach streams' readers and closers; close() waits for them so no websocket outlives the client.
+        # Attach streams' readers, and the closes of sockets whose reader never ran: close() cancels the
+        # readers and waits for the closes, so no websocket outlives the client.
         self._pumps: set[asyncio.Future[Any]] = set()
+        self._closers: set[asyncio.Future[Any]] = set()
 
     async def start(self) -> None:
         configuration = client.Configuration()
@@ -141,10 +143,11 @@ class KubernetesBackend:
             raise BackendUnavailable(f"leader election ended before this replica led: {failure!r}")
 
     async def close(self) -> None:
-        while self._pumps:
+        while self._pumps or self._closers:
             for pump in list(self._pumps):
                 pump.cancel()
-            await asyncio.gather(*self._pumps, return_exceptions=True)
+            # Never cancelled: a close cancelled before it ran leaves the connection checked out of the pool.
+            await asyncio.gather(*self._pumps, *self._closers, return_exceptions=True)
         if self._election is not None:
             self._election.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -284,8 +287,8 @@ class KubernetesBackend:
             self._pumps.discard(task)
             if not socket.closed:
                 closer = asyncio.ensure_future(socket.close())
-                self._pumps.add(closer)
-                closer.add_done_callback(self._pumps.discard)
+                self._closers.add(closer)
+                closer.add_done_callback(self._closers.discard)
 
         pump.add_done_callback(done)
 
