@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import structlog
+
+from .wire import dump_json
 
 
 def configure_logging(fmt: str, level: str) -> None:
@@ -28,10 +32,17 @@ def configure_logging(fmt: str, level: str) -> None:
     ]
     # The console renderer formats exceptions itself; JSON needs them as a string field.
     exceptions: list[structlog.typing.Processor] = [structlog.processors.format_exc_info] if fmt == "json" else []
+    if fmt == "json":
+        # structlog's advice for speed: render bytes with a fast encoder, write them as bytes (a third
+        # of the standard library encoder's time per access line).
+        fast: structlog.typing.Processor = structlog.processors.JSONRenderer(serializer=_json_bytes)
+        factory: Callable[..., Any] = structlog.BytesLoggerFactory(file=sys.stderr.buffer)
+    else:
+        fast, factory = renderer, structlog.WriteLoggerFactory(file=sys.stderr)
     structlog.configure(
-        processors=[*shared, *exceptions, renderer],
+        processors=[*shared, *exceptions, fast],
         wrapper_class=structlog.make_filtering_bound_logger(number),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
@@ -44,3 +55,7 @@ def configure_logging(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(number)
+
+
+def _json_bytes(event: dict[str, Any], default: Callable[[Any], Any]) -> bytes:
+    return dump_json(event, fallback=default)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pydantic_core
 
 
-def dump_json(value: Any) -> bytes:
-    """Compact UTF-8 JSON.
+def dump_json(value: Any, fallback: Callable[[Any], Any] | None = None) -> bytes:
+    """Compact UTF-8 JSON; ``fallback`` converts what JSON cannot hold (without it, that raises).
 
     pydantic-core's encoder is several times faster than the standard library's on megabytes of
     output; it refuses text that is not valid Unicode (lone surrogates, which code in a sandbox can
@@ -17,11 +18,11 @@ def dump_json(value: Any) -> bytes:
     """
     try:
         # NaN and Infinity are not JSON: null, as the standard library's parse of a runner frame gave.
-        return pydantic_core.to_json(value, inf_nan_mode="null")
+        return pydantic_core.to_json(value, inf_nan_mode="null", fallback=fallback)
     except pydantic_core.PydanticSerializationError:
-        return json.dumps(_without_nan(value), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
-            "utf-8", errors="replace"
-        )
+        return json.dumps(
+            _without_nan(value), ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=fallback
+        ).encode("utf-8", errors="replace")
 
 
 def _without_nan(value: Any) -> Any:

@@ -12,6 +12,8 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
+from starlette.routing import request_response
+from starlette.types import Receive, Scope, Send
 
 from ..interrupts import interrupt
 from ..models import ExecuteResult, ExecuteWatcher
@@ -57,10 +59,21 @@ class ExecuteRoute(APIRoute):
 
     A custom route class is FastAPI's own extension point: the OpenAPI description still comes from
     the endpoint's signature, but requests are taken apart here, by hand, in the order that matters
-    (the key before the body), because on the hottest path FastAPI's generic resolution costs more
-    than everything else the orchestrator does for an execute. Errors are the same exceptions, so
-    the app's one handler renders them.
+    (the key before the body), and a matched ``POST`` is handed to the handler as a plain Starlette
+    route would be, without the dependency exit stacks and route-context bookkeeping FastAPI wraps
+    around every route: on the hottest path these cost more than everything else the orchestrator
+    does for an execute. Errors are the same exceptions, so the app's one handler renders them.
     """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        self._serve = request_response(self.get_route_handler())
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "POST":
+            await self._serve(scope, receive, send)
+        else:
+            await super().handle(scope, receive, send)  # FastAPI's 405, with its Allow header
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         endpoint = self.endpoint
