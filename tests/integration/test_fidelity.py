@@ -80,6 +80,7 @@ CORPUS: list[tuple[str, str]] = [
     ("assignment", "y = 5"),
     ("underscore", "_ + 1 if isinstance(_, int) else 0"),
     ("subprocess", "import subprocess\nsubprocess.run(['echo', 'from child'])\nprint('parent')"),
+    ("prints-then-child", "import subprocess\nprint('first')\nprint('second')\n_ = subprocess.run(['echo', 'child'])"),
     ("os-system", "import os\nos.system('echo from system')"),
     ("thread", "import threading\nt = threading.Thread(target=lambda: print('from thread'))\nt.start()\nt.join()"),
     ("clear-output", "from IPython.display import clear_output\nprint('gone')\nclear_output()\nprint('kept')"),
@@ -135,7 +136,7 @@ UNORDERED = {"interleave"}
 # Cells whose order is a race in ipykernel alone: a child's output reaches that kernel through a thread
 # forwarding the pipe, and can land after what the cell printed next (seen once under CI load). The
 # interpreter must show the order the cell produced; Jupyter the same lines, in either order.
-CAUSAL = {"subprocess": "from child\nparent\n"}
+CAUSAL = {"subprocess": "from child\nparent\n", "prints-then-child": "first\nsecond\nchild\n"}
 
 
 def _streams(outputs: Outputs) -> str:

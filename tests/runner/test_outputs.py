@@ -42,6 +42,23 @@ async def test_stdout_and_stderr_keep_their_order(runner):
     ]
 
 
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        # Lines printed together wait in the stream's buffer; a child's output after them still follows them.
+        ("import subprocess\nprint('a')\nprint('b')\nsubprocess.run(['echo', 'c'])\nprint('d')", "a\nb\nc\nd\n"),
+        ("import os, time\nprint('a')\nprint('b')\nos.write(1, b'c\\n')\ntime.sleep(0.2)", "a\nb\nc\n"),
+        ("import os\nos.write(1, b'x\\n')\nprint('y')\n_ = os.write(1, b'z\\n')", "x\ny\nz\n"),
+        ("import os, sys\nprint('a', end='')\nos.write(1, b'b')\n_ = sys.stdout.write('c\\n')", "abc\n"),
+    ],
+)
+async def test_printed_text_and_descriptor_output_keep_their_order(runner, code, expected):
+    for _ in range(3):
+        result = await runner.execute(code)
+        assert result.outcome == "ok"
+        assert result.outputs == [{"type": "stdout", "data": expected}]
+
+
 async def test_consecutive_stream_chunks_are_merged(runner):
     # Each flush sends its own stream message; the runner joins adjacent ones of the same stream.
     result = await runner.execute(
