@@ -45,11 +45,11 @@ async def test_stdout_and_stderr_keep_their_order(runner):
 @pytest.mark.parametrize(
     ("code", "expected"),
     [
-        # Lines printed together wait in the stream's buffer; a child's output after them still follows them.
+        # Lines printed together wait in the stream's buffer; what a child or os.write adds after them follows them.
         ("import subprocess\nprint('a')\nprint('b')\nsubprocess.run(['echo', 'c'])\nprint('d')", "a\nb\nc\nd\n"),
         ("import os, time\nprint('a')\nprint('b')\nos.write(1, b'c\\n')\ntime.sleep(0.2)", "a\nb\nc\n"),
         ("import os\nos.write(1, b'x\\n')\nprint('y')\n_ = os.write(1, b'z\\n')", "x\ny\nz\n"),
-        ("import os, sys\nprint('a', end='')\nos.write(1, b'b')\n_ = sys.stdout.write('c\\n')", "abc\n"),
+        ("import os, sys, time\nprint('a', end='')\nos.write(1, b'b')\ntime.sleep(0.1)\nprint('c')", "abc\n"),
     ],
 )
 async def test_printed_text_and_descriptor_output_keep_their_order(runner, code, expected):

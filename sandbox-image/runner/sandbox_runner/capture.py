@@ -2,20 +2,16 @@
 
 What subprocesses, C code and ``os.write`` calls write goes into the pipes; what Python prints goes
 through ``sys.stdout``/``sys.stderr`` (line-buffered), which send it themselves from the printing
-thread: no thread hand-off on the common path.
-
-Order rests on one rule: text waiting in a stream's buffer is older than what the pipes hold. A
-write keeps it true by looking at the pipes first (at most every ``_CHECK_SECONDS``): what they
-hold then came after the buffered text and before the new text, so both go out before the new text
-is buffered. Every send (a line, a flush, the output thread, a display, the end of a cell) is then
-buffered text first, pipes second, under the channel's lock. The stream caps are applied here,
-before anything is sent.
+thread, after whatever is already in that stream's pipe: no thread hand-off on the common path. Lines
+printed in a burst wait in the buffer; the output thread sends them before what it then reads from the
+pipes (a child started after them writes after them). Before a display, an error or the end of a
+cell, both pipes are drained under the channel's lock, so outputs keep the order the cell produced
+them in. The stream caps are applied here, before anything is sent.
 """
 
 from __future__ import annotations
 
 import codecs
-import contextlib
 import io
 import os
 import select
@@ -36,10 +32,6 @@ _BUFFER_CHARS: Final = 8192
 # Lines printed faster than this after the last send wait for more (a print loop), at most
 # _FLUSH_INTERVAL; an explicit flush() sends at once.
 _COALESCE_SECONDS: Final = 0.001
-# A write looks at the pipes unless the last write of its stream did within this: the look is a system
-# call, and a print loop would otherwise pay it twice a line. Only what a cell writes to a descriptor
-# and then prints within this window can come after that print.
-_CHECK_SECONDS: Final = 0.00005
 _READ_BYTES: Final = 65536
 # Reads of a pipe when it is drained; bounds the wait for a writer that never stops.
 _DRAIN_READS: Final = 64
@@ -58,9 +50,6 @@ class OutputStream(io.TextIOBase):
         self._parts: list[str] = []
         self._size = 0
         self._sent_at = 0.0
-        self._checked_at = 0.0
-        # A poll object of this stream's own, guarded by its lock: poll objects refuse concurrent use.
-        self._pipes = capture.pipe_poller()
         os.register_at_fork(after_in_child=self._forget)
 
     @property
@@ -90,37 +79,22 @@ class OutputStream(io.TextIOBase):
         if not text:
             return 0
         with self._lock:
-            now = time.monotonic()
-            if now - self._checked_at >= _CHECK_SECONDS:
-                self._checked_at = now
-                # (A forked child leaves the pipes to its parent.)
-                if self._pipes.poll(0) and os.getpid() == self._capture.pid:
-                    self._capture.send_buffered(self)
             self._parts.append(text)
             self._size += len(text)
-            if self._size >= _BUFFER_CHARS or ("\n" in text and now - self._sent_at >= _COALESCE_SECONDS):
-                self._write_out(now)
+            if self._size >= _BUFFER_CHARS or ("\n" in text and time.monotonic() - self._sent_at >= _COALESCE_SECONDS):
+                self._write_out()
+                return len(text)
         return len(text)
 
     def flush(self) -> None:
-        """Send the buffer and what waits in the pipes: an explicit flush keeps the order of streams."""
+        """Send the buffer and what waits in the pipe: an explicit flush keeps the order of streams."""
+        self.write_out()
+        self._capture.forward(self._name)
+
+    def write_out(self) -> None:
+        """Send the buffered text."""
         with self._lock:
-            self._write_out(time.monotonic())
-
-    def _write_out(self, now: float) -> None:
-        if os.getpid() == self._capture.pid:
-            self._sent_at = now
-            self._capture.send_buffered(self)
-            return
-        # A forked child: through the pipe, which its parent reads (blocking while the pipe is full).
-        data = memoryview(self.take_held().encode("utf-8", errors="replace"))
-        while data:
-            data = data[os.write(self._fd, data) :]
-
-    @property
-    def lock(self) -> threading.Lock:
-        """Held while text is added to the buffer or taken from it."""
-        return self._lock
+            self._write_out()
 
     @property
     def pending(self) -> bool:
@@ -128,20 +102,31 @@ class OutputStream(io.TextIOBase):
         return bool(self._parts)
 
     def take(self) -> str:
-        """The buffered text, removed; empty when another thread holds the buffer (it is writing to it)."""
+        """The buffered text, removed; empty when the buffer is busy (it is being written out)."""
         if not self._lock.acquire(blocking=False):
             return ""
         try:
-            return self.take_held()
+            text = "".join(self._parts)
+            self._parts.clear()
+            self._size = 0
+            return text
         finally:
             self._lock.release()
 
-    def take_held(self) -> str:
-        """``take`` for a caller that holds the buffer's lock."""
+    def _write_out(self) -> None:
+        if not self._parts:
+            return
         text = "".join(self._parts)
         self._parts.clear()
         self._size = 0
-        return text
+        if os.getpid() == self._capture.pid:
+            self._sent_at = time.monotonic()
+            self._capture.send_text(self._name, text)
+            return
+        # A forked child: through the pipe, which its parent reads (blocking while the pipe is full).
+        data = memoryview(text.encode("utf-8", errors="replace"))
+        while data:
+            data = data[os.write(self._fd, data) :]
 
     def _forget(self) -> None:
         # A forked child: another thread may have held the lock, and the parent prints its own buffer.
@@ -180,41 +165,18 @@ class Capture:
         self.dropped = dict.fromkeys(STREAMS, 0)
         threading.Thread(target=self._pump, name="tci-output", daemon=True).start()
 
-    def pipe_poller(self) -> select.poll:
-        """A new poll object on the pipes' read ends."""
-        poller = select.poll()
-        for fd in self._names:
-            poller.register(fd, select.POLLIN)
-        return poller
-
-    def send_buffered(self, holder: OutputStream) -> None:
-        """Send every stream's buffered text, then what waits in the pipes; the caller holds ``holder``'s lock.
-
-        Another stream's text is taken only if nobody holds it: a thread writing to it now is not
-        ordered with this one anyway.
-        """
+    def send_text(self, name: str, text: str) -> None:
+        """Send Python-level text of stream ``name``, after what waits in its pipe."""
         with self._channel.lock:
-            for name, stream in self.streams.items():
-                self._emit(name, stream.take_held() if stream is holder else stream.take())
-            self._drain()
-
-    def flush_streams(self) -> None:
-        """Send every stream's buffered text, then what waits in the pipes (from any thread holding no stream)."""
-        # Every stream is held first, in the order writers take them (stream, then channel): a writer must
-        # not be between its look at the pipes and its text while this thread reads the pipes.
-        with contextlib.ExitStack() as held:
-            for stream in self.streams.values():
-                held.enter_context(stream.lock)
-            with self._channel.lock:
-                for name, stream in self.streams.items():
-                    self._emit(name, stream.take_held())
-                self._drain()
+            self._drain(only=name)
+            self._emit(name, text)
 
     def begin(self) -> None:
         """A cell starts: what was written since the last one is discarded, the caps start again."""
         self._restore_descriptors()
         self.flush_streams()
         with self._channel.lock:
+            self._drain()
             self._decoders = {name: _decoder() for name in STREAMS}
             self.used = dict.fromkeys(STREAMS, 0)
             self.dropped = dict.fromkeys(STREAMS, 0)
@@ -234,6 +196,7 @@ class Capture:
         """The cell is over: send what it wrote; what it dropped, per stream."""
         self.flush_streams()
         with self._channel.lock:
+            self._drain()
             for name, decoder in self._decoders.items():
                 self._emit(name, decoder.decode(b"", final=True))
             self._active = False
@@ -243,14 +206,27 @@ class Capture:
         """Send a display, result or error of the running cell after everything written before it."""
         self.flush_streams()
         with self._channel.lock:
+            self._drain()
             if self._active:
                 self._channel.send(message)
 
-    def _drain(self) -> None:
+    def flush_streams(self) -> None:
+        """Send the Python-level buffers (``sys.stdout`` may have been rebound: ours, not the current one)."""
+        for stream in self.streams.values():
+            stream.write_out()
+
+    def forward(self, name: str) -> None:
+        """Send what waits in the pipe of stream ``name`` now."""
+        with self._channel.lock:
+            self._drain(only=name)
+
+    def _drain(self, only: str | None = None) -> None:
         """Send what waits in the pipes now (the caller holds the channel's lock)."""
         if os.getpid() != self.pid:
             return  # a forked child: the pipes are the parent's to read
         for fd, _ in self._readable.poll(0):
+            if only is not None and self._names.get(fd) != only:
+                continue
             for _ in range(_DRAIN_READS):
                 if self._forward(fd) < _READ_BYTES:
                     break  # a short read emptied the pipe
@@ -292,14 +268,24 @@ class Capture:
                 continue
 
     def _pump_until_error(self) -> None:
-        poller = self.pipe_poller()
+        poller = select.poll()
+        for fd in self._names:
+            poller.register(fd, select.POLLIN)
         while True:
             ready = poller.poll(1000 * (_FLUSH_INTERVAL if self._active else _IDLE_INTERVAL))
-            # Text that waits (a partial line, a burst of lines) goes out within the interval, straight from
-            # the buffers: never written to a pipe by this thread, the pipes' only reader (a full pipe would
-            # block it for good).
             if ready or (self._active and any(stream.pending for stream in self.streams.values())):
-                self.flush_streams()
+                self._send_waiting()
+
+    def _send_waiting(self) -> None:
+        # Text waiting in a buffer was printed before what this thread has just seen in the pipes (it
+        # wakes as soon as a pipe holds data), so it goes first: print('a'); print('b') and then a child's
+        # output stay in that order. Taken without waiting for a stream that a thread is writing to now,
+        # and sent straight from the buffer, never written to a pipe by this thread: it is the pipes' only
+        # reader, and a full pipe would block it for good.
+        with self._channel.lock:
+            for name, stream in self.streams.items():
+                self._emit(name, stream.take())
+            self._drain()
 
 
 def _decoder() -> codecs.IncrementalDecoder:
