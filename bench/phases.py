@@ -244,12 +244,11 @@ async def package_installs(ctx: Context) -> None:
     """Figure 8: the same `!pip install` cold (through an empty cache) and cached; installs off."""
     count = ctx.plan.package_installs
     say(f"package installs: {count} cold/cached pairs of {', '.join(packages.PACKAGES)}")
-    cold, cached, local = await asyncio.to_thread(
+    found = await asyncio.to_thread(
         packages.install_latencies, ctx.start_server, ctx.stop_server, ctx.work_dir, KEY, count, say
     )
-    ctx.figures["install_cold"] = figure(cold, "s")
-    ctx.figures["install_cached"] = figure(cached, "s")
-    ctx.figures["install_local"] = figure(local, "s")
+    for kind, samples in found.items():
+        ctx.figures[f"install_{kind}"] = figure(samples, "s")
     server = ctx.start_server("installs-off", {"ORCH_PACKAGES__ENABLED": "false"})
     try:
         ctx.figures["install_disabled"] = figure(
