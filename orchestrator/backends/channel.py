@@ -160,9 +160,17 @@ class SocketChannels:
         # Not wait_closed(): from Python 3.12 it also waits for the connection a client still holds.
         listener.stopped = True
         if listener.server is not None:
+            # Accepting stops first and the server closes only once the connections the loop accepted just
+            # before are offered (and closed) on its next turns: on asyncio's own loop a connection accepted
+            # before close() whose transport is made after it fails an assertion in Server._attach, and its
+            # socket is left to the garbage collector. (uvloop's server has no such reader to remove.)
+            loop = asyncio.get_running_loop()
+            for sock in listener.server.sockets:
+                loop.remove_reader(sock.fileno())
+            for _ in range(_SETTLE_TURNS):
+                await asyncio.sleep(0)
             listener.server.close()
-            # A connection the loop accepted just before is offered, and closed, on its next turns:
-            # let them come while the loop still runs (it may stop right after a shutdown).
+            # Let the closes finish while the loop still runs (it may stop right after a shutdown).
             for _ in range(_SETTLE_TURNS):
                 await asyncio.sleep(0)
         waiting = listener.take()

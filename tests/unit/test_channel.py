@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import stat
 import tempfile
 import time
@@ -126,3 +127,27 @@ async def test_an_overlong_socket_path_is_refused(tmp_path: Path) -> None:
 def test_check_creates_the_instance_directory(root: Path) -> None:
     SocketChannels(root / "nested", "inst", max_frame_bytes=1 << 20).check()
     assert instance_dir(root / "nested", "inst").is_dir()
+
+
+@pytest.mark.parametrize("turns", range(6))
+async def test_connections_accepted_as_the_listener_stops_are_closed(root: Path, turns: int) -> None:
+    # On asyncio's own loop, a connection accepted just before the server closed used to fail its
+    # transport's creation and keep its socket open (until the garbage collector warned about it).
+    channels = SocketChannels(root, "inst", max_frame_bytes=1 << 20)
+    path = await channels.open("k") / SOCKET_NAME
+    clients = [socket.socket(socket.AF_UNIX) for _ in range(3)]
+    try:
+        for client in clients:
+            client.connect(str(path))
+        for _ in range(turns):
+            await asyncio.sleep(0)  # the loop gets to accept them at a different point each time
+        await channels.close_all()
+        for client in clients:
+            client.settimeout(5)
+            try:
+                assert client.recv(1) == b""  # our end is closed
+            except ConnectionResetError:
+                pass  # never accepted: the listening socket's close refused it
+    finally:
+        for client in clients:
+            client.close()
