@@ -31,9 +31,14 @@ def execute(client: httpx.Client, code: str, session_id: str | None = None) -> d
     return data
 
 
+def stdout_of(data: dict[str, Any]) -> str:
+    """What an execute's ``data`` printed to stdout."""
+    return "".join(o["data"] for o in data["outputs"] if o["type"] == "stdout")
+
+
 def check_printed_one(data: dict[str, Any]) -> None:
     """Fail loudly if ``print(1)`` did not print ``1`` (a fast wrong answer is no result)."""
-    stdout = "".join(o["data"] for o in data["outputs"] if o["type"] == "stdout")
+    stdout = stdout_of(data)
     if stdout != "1\n":
         raise RuntimeError(f"print(1) printed {stdout!r}: {data}")
 

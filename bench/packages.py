@@ -18,12 +18,11 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from orchestrator.package_cache import spawn
 from orchestrator.settings import PackageCacheSettings
 
-from .api import client_for, close_session, execute
+from .api import client_for, close_session, execute, stdout_of
 from .server import Server, free_port
 
 PACKAGES = ("tabulate", "ujson", "termcolor", "toolz", "humanize", "emoji", "xmltodict", "sqlparse")
@@ -34,10 +33,6 @@ IMPORT = f"import {', '.join(PACKAGES)}\nprint('installed')"
 # The floor: the same install from wheel files already in the sandbox, no index at all.
 FETCH_WHEELS = f"!pip download -q --no-deps -d /tmp/wheels {' '.join(PACKAGES)}"
 INSTALL_LOCAL = INSTALL.replace("!pip install ", "!pip install --no-index --find-links /tmp/wheels ", 1)
-
-
-def _stdout(data: dict[str, Any]) -> str:
-    return "".join(o["data"] for o in data["outputs"] if o["type"] == "stdout")
 
 
 def _timed_install(server: Server, key: str, code: str = INSTALL, prepare: str = "print(1)") -> tuple[float, float]:
@@ -52,9 +47,9 @@ def _timed_install(server: Server, key: str, code: str = INSTALL, prepare: str =
         imported = execute(client, IMPORT, session_id)
         ended = time.perf_counter()
         close_session(client, session_id)
-    if "Successfully installed" not in _stdout(installed):
+    if "Successfully installed" not in stdout_of(installed):
         raise RuntimeError(f"the install failed: {installed['outputs']}")
-    if not _stdout(imported).endswith("installed\n"):
+    if not stdout_of(imported).endswith("installed\n"):
         raise RuntimeError(f"the installed packages do not import: {imported['outputs']}")
     return middle - began, ended - middle
 
@@ -117,8 +112,7 @@ def disabled_latencies(server: Server, key: str, repetitions: int) -> list[float
             began = time.perf_counter()
             data = execute(client, "!pip install tabulate", session_id)
             samples.append(time.perf_counter() - began)
-            stdout = "".join(o["data"] for o in data["outputs"] if o["type"] == "stdout")
-            if "package-installs-are-disabled-on-this-server" not in stdout:
+            if "package-installs-are-disabled-on-this-server" not in stdout_of(data):
                 raise RuntimeError(f"pip did not say installs are off: {data['outputs']}")
         close_session(client, session_id)
     return samples
