@@ -142,8 +142,6 @@ class Capture:
         self._channel = channel
         self._cap = max_stream_bytes
         self._names: dict[int, str] = {}
-        # Which pipes hold data, asked in one call before reading: most drains find both empty.
-        self._readable = select.poll()
         # Spare copies of the write ends (not inherited): user code that closes fd 1 or 2 gets them back
         # at the next cell.
         self._spares: dict[int, tuple[int, tuple[int, int]]] = {}
@@ -154,7 +152,8 @@ class Capture:
             self._spares[fd] = (write_end, (status.st_dev, status.st_ino))
             os.set_blocking(read_end, False)
             self._names[read_end] = name
-            self._readable.register(read_end, select.POLLIN)
+        # Which pipes hold data, asked in one call before reading: most drains find both empty.
+        self._readable = self._pipes_poll()
         self.streams = {name: OutputStream(fd, name, self) for fd, name in zip((1, 2), STREAMS, strict=True)}
         self._decoders = {name: _decoder() for name in STREAMS}
         self._active = False
@@ -268,13 +267,19 @@ class Capture:
                 continue
 
     def _pump_until_error(self) -> None:
-        poller = select.poll()
-        for fd in self._names:
-            poller.register(fd, select.POLLIN)
+        # A poll object of its own: drains use theirs under the channel's lock, and poll objects refuse
+        # concurrent use.
+        poller = self._pipes_poll()
         while True:
             ready = poller.poll(1000 * (_FLUSH_INTERVAL if self._active else _IDLE_INTERVAL))
             if ready or (self._active and any(stream.pending for stream in self.streams.values())):
                 self._send_waiting()
+
+    def _pipes_poll(self) -> select.poll:
+        poller = select.poll()
+        for fd in self._names:
+            poller.register(fd, select.POLLIN)
+        return poller
 
     def _send_waiting(self) -> None:
         # Text waiting in a buffer was printed before what this thread has just seen in the pipes (it
