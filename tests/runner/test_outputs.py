@@ -59,6 +59,42 @@ async def test_printed_text_and_descriptor_output_keep_their_order(runner, code,
         assert result.outputs == [{"type": "stdout", "data": expected}]
 
 
+# The cell keeps the GIL (a long switch interval, a busy wait) until its child has exited, so the output
+# thread can hardly run before the cell ends: the order must not depend on it having run.
+_STARVED = """import os, subprocess, sys, time
+sys.setswitchinterval(60)
+try:
+    print('a')
+    print('b')
+    {start}
+    while not _exited():
+        pass
+finally:
+    sys.setswitchinterval(0.005)
+"""
+
+
+@pytest.mark.parametrize(
+    ("start", "exited"),
+    [
+        ("child = subprocess.Popen(['echo', 'c'])", "lambda: child.poll() is not None"),
+        (
+            "pid = os.fork()\n    if pid == 0:\n        os.write(1, b'c\\n')\n        os._exit(0)",
+            "lambda: os.waitpid(pid, os.WNOHANG)[0] == pid",
+        ),
+        ("os.system('echo c')", "lambda: True"),
+        ("get_ipython().system('echo c')", "lambda: True"),
+    ],
+    ids=["popen", "fork", "os.system", "shell-escape"],
+)
+async def test_lines_printed_before_a_child_starts_come_before_its_output(runner, start, exited):
+    code = f"_exited = {exited}\n" + _STARVED.format(start=start)
+    for _ in range(3):
+        result = await runner.execute(code)
+        assert result.outcome == "ok", result.outputs
+        assert result.outputs == [{"type": "stdout", "data": "a\nb\nc\n"}]
+
+
 async def test_consecutive_stream_chunks_are_merged(runner):
     # Each flush sends its own stream message; the runner joins adjacent ones of the same stream.
     result = await runner.execute(

@@ -4,9 +4,10 @@ What subprocesses, C code and ``os.write`` calls write goes into the pipes; what
 through ``sys.stdout``/``sys.stderr`` (line-buffered), which send it themselves from the printing
 thread, after whatever is already in that stream's pipe: no thread hand-off on the common path. Lines
 printed in a burst wait in the buffer; the output thread sends them before what it then reads from the
-pipes (a child started after them writes after them). Before a display, an error or the end of a
-cell, both pipes are drained under the channel's lock, so outputs keep the order the cell produced
-them in. The stream caps are applied here, before anything is sent.
+pipes, and a child process starts only once they are sent (``before_child``, hooked by the shell).
+Before a display, an error or the end of a cell, both pipes are drained under the channel's lock, so
+outputs keep the order the cell produced them in. The stream caps are applied here, before anything
+is sent.
 """
 
 from __future__ import annotations
@@ -91,10 +92,14 @@ class OutputStream(io.TextIOBase):
         self.write_out()
         self._capture.forward(self._name)
 
-    def write_out(self) -> None:
-        """Send the buffered text."""
-        with self._lock:
+    def write_out(self, *, wait: bool = True) -> None:
+        """Send the buffered text; without ``wait``, not while a thread (this one, even) is writing to it."""
+        if not self._lock.acquire(blocking=wait):
+            return
+        try:
             self._write_out()
+        finally:
+            self._lock.release()
 
     @property
     def pending(self) -> bool:
@@ -213,6 +218,16 @@ class Capture:
         """Send the Python-level buffers (``sys.stdout`` may have been rebound: ours, not the current one)."""
         for stream in self.streams.values():
             stream.write_out()
+
+    def before_child(self) -> None:
+        """A child process is about to start: what was printed goes first, before it can write to the pipes.
+
+        Without this, lines printed in a burst could still wait in a buffer when the child's output is read,
+        and come after it. Called from fork hooks and ``Popen``, possibly inside a write of this same thread
+        (a finaliser): a buffer being written to is left alone rather than waited for.
+        """
+        for stream in self.streams.values():
+            stream.write_out(wait=False)
 
     def forward(self, name: str) -> None:
         """Send what waits in the pipe of stream ``name`` now."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import getpass
 import importlib.util
 import os
@@ -19,6 +20,7 @@ import struct
 import subprocess
 import tempfile
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -139,7 +141,6 @@ class LeanShell(InteractiveShell):
         still writes: that goes on into the pipes, and the runner stops it when the execute ends.
         """
         # depth=1: names in the cell's frame (a function's locals) expand as in ipykernel's own method.
-        self.capture.flush_streams()  # what the cell printed comes first
         exit_code = run_shell(self.var_expand(cmd, depth=1))  # type: ignore[no-untyped-call]
         self.user_ns["_exit_code"] = exit_code
         if getattr(self, "system_raise_on_error", False) and exit_code != 0:
@@ -276,10 +277,11 @@ def _no_getpass(prompt: str = "Password: ", stream: Any = None) -> str:
 _handles: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def _track_handles(cls: Any) -> None:
+def _track_handles(cls: Any, before: Callable[[], None]) -> None:
     original = cls.__init__
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        before()
         original(self, *args, **kwargs)
         _handles.add(self)
         with contextlib.suppress(OSError):
@@ -321,10 +323,26 @@ def _reap_children(*_: Any) -> None:
                 os.waitpid(int(entry.name), os.WNOHANG)
 
 
+def _after(first: Callable[[], None], function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function``, calling ``first`` before each call."""
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        first()
+        return function(*args, **kwargs)
+
+    return call
+
+
 def _track_children(shell: LeanShell) -> None:
     import multiprocessing.popen_fork
 
-    os.register_at_fork(after_in_child=lower_priority)
-    _track_handles(subprocess.Popen)
-    _track_handles(multiprocessing.popen_fork.Popen)
+    # Every way user code starts a child first sends what was printed (sandbox_runner.capture): forks
+    # (multiprocessing, pty, os.spawn*), Popen (which may not fork from Python) and the C-level spawns.
+    before = shell.capture.before_child
+    os.register_at_fork(before=before, after_in_child=lower_priority)
+    for name in ("system", "posix_spawn", "posix_spawnp"):
+        setattr(os, name, _after(before, getattr(os, name)))
+    _track_handles(subprocess.Popen, before)
+    _track_handles(multiprocessing.popen_fork.Popen, before)
     shell.events.register("pre_execute", _reap_children)
