@@ -6,6 +6,7 @@ Phases run one after another, never overlapping, so no phase measures another's 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -87,10 +88,14 @@ async def latencies(ctx: Context, server: Server) -> None:
         async def http_block(count: int) -> list[float]:
             return await asyncio.to_thread(session.measure, count)
 
+        async def httpx_block(count: int) -> list[float]:
+            return await asyncio.to_thread(functools.partial(session.measure, count, via_httpx=True))
+
         measures: dict[str, Callable[[int], Awaitable[list[float]]]] = {
             "floor": floor_block,
             "runner": sandbox.measure,
             "http_warm": http_block,
+            "http_warm_httpx": httpx_block,
         }
         for measure in measures.values():
             await measure(plan.latency_warmup)
@@ -100,7 +105,8 @@ async def latencies(ctx: Context, server: Server) -> None:
         names = list(measures)
         for block in range(plan.latency_blocks):
             # Rotate the order so no path always runs right after another.
-            for name in names[block % 3 :] + names[: block % 3]:
+            turn = block % len(names)
+            for name in names[turn:] + names[:turn]:
                 samples[name] += await measures[name](plan.latency_block_size)
             medians = ", ".join(f"{n} {summarize(s).median * 1000:.2f} ms" for n, s in samples.items())
             say(f"latency block {block + 1}/{plan.latency_blocks}: running medians {medians}")

@@ -121,11 +121,20 @@ def _latency_rows(figures: dict[str, Any]) -> list[Row]:
     ]
     rows.append(
         Row(
-            "3. HTTP warm execute, print(1), one session",
+            "3. HTTP warm execute, print(1), one session (http.client, keep-alive)",
             _dist(http, 2),
             f"floor p50 {_num(floor_p50, 2)} ms: {_num(http_ratio, 2)}x; floor p99 {_num(_p99(floor), 2)} ms",
             "p50 ≤ 0.5 x floor; p99 ≤ floor p99",
             "; ".join(verdicts),
+        )
+    )
+    through_httpx = figures.get("http_warm_httpx")
+    rows.append(
+        Row(
+            "3b. The same through httpx (the 2.x SDK's transport)",
+            _dist(through_httpx, 2),
+            f"floor p50 {_num(floor_p50, 2)} ms: {_num(_median(through_httpx) / floor_p50, 2)}x; the difference "
+            f"is the client's own CPU",
         )
     )
     return rows
