@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -40,6 +41,14 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """An object a test leaked (an unreleased HTTP connection, say) warns when it is collected, which
+    fails the test then running: collecting after each test names the one that leaked it."""
+    yield
+    gc.collect()
 
 
 @dataclass
