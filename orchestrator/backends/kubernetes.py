@@ -19,7 +19,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Final
 
 import aiohttp
@@ -59,6 +59,24 @@ def _api_errors(what: str) -> Iterator[None]:
         raise BackendUnavailable(f"kubernetes API error {exc.status} while {what}: {exc.reason}") from exc
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise BackendUnavailable(f"kubernetes API unreachable while {what}: {exc}") from exc
+
+
+@contextlib.asynccontextmanager
+async def _watch() -> AsyncIterator[watch.Watch]:
+    """A ``Watch`` whose response is released however the block ends.
+
+    ``Watch.close()`` awaits the close of a client of its own before it releases the response, so a
+    cancellation arriving there (a shutdown while a pool fill's pod had just started) skips the
+    release, and the connection is never returned: it warns when collected. The release is synchronous.
+    """
+    pods = watch.Watch()
+    try:
+        yield pods
+    finally:
+        if pods.resp is not None:
+            pods.resp.release()
+            pods.resp = None
+        await pods.close()
 
 
 async def _json(call: Awaitable[Any]) -> dict[str, Any]:
@@ -207,7 +225,7 @@ class KubernetesBackend:
             async with asyncio.timeout(timeout):
                 while True:
                     with _api_errors("watching a new sandbox pod"):
-                        async with watch.Watch() as pods:
+                        async with _watch() as pods:
                             stream = pods.stream(
                                 self._core.list_namespaced_pod,
                                 self._namespace,

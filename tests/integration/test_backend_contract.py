@@ -22,6 +22,8 @@ import docker
 import docker.errors
 import pytest
 from fastapi.testclient import TestClient
+from kubernetes_asyncio.client import ApiClient
+from kubernetes_asyncio.watch import Watch
 
 from orchestrator.app import create_app, make_backend
 from orchestrator.backends import kubernetes_spec as spec
@@ -405,3 +407,42 @@ async def test_kubernetes_claim_survives_a_stale_resource_version(kube_cluster: 
         assert len(patches) == 2  # the stale one (409), then the one after re-reading
         (listed,) = await backend.list()
         assert listed.claim == claim
+
+
+async def test_kubernetes_a_start_cancelled_as_its_watch_closes_returns_the_connection(
+    kube_cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shutdown that cancels a pod's start just as its watch is being closed leaks no connection.
+
+    kubernetes_asyncio's ``Watch.close()`` awaits a client of its own before it releases the watch's
+    response; the cancellation is made to arrive exactly there.
+    """
+    platform = _kubernetes(kube_cluster, tmp_path)
+    closing = asyncio.Event()
+    close, next_event = ApiClient.close, Watch.next
+    responses: list[Any] = []
+
+    async def close_slowly(self: ApiClient) -> None:
+        await close(self)
+        closing.set()
+        await asyncio.sleep(3600)  # where the cancellation arrives
+
+    async def recording_next(self: Watch) -> Any:
+        try:
+            return await next_event(self)
+        finally:
+            if self.resp is not None and self.resp not in responses:
+                responses.append(self.resp)
+
+    async with _control_plane(platform) as (backend, _):
+        monkeypatch.setattr(Watch, "next", recording_next)
+        monkeypatch.setattr(ApiClient, "close", close_slowly)
+        start = asyncio.create_task(backend.create(None))
+        await asyncio.wait_for(closing.wait(), timeout=20)
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        monkeypatch.setattr(ApiClient, "close", close)
+    assert responses, "the start watched its pod"
+    # A response released or closed has handed its connection back.
+    assert [response for response in responses if response.connection is not None] == []
