@@ -323,7 +323,7 @@ def _reap_children(*_: Any) -> None:
                 os.waitpid(int(entry.name), os.WNOHANG)
 
 
-def _after(first: Callable[[], None], function: Callable[..., Any]) -> Callable[..., Any]:
+def _calling_first(first: Callable[[], None], function: Callable[..., Any]) -> Callable[..., Any]:
     """``function``, calling ``first`` before each call."""
 
     @functools.wraps(function)
@@ -342,7 +342,7 @@ def _track_children(shell: LeanShell) -> None:
     before = shell.capture.before_child
     os.register_at_fork(before=before, after_in_child=lower_priority)
     for name in ("system", "posix_spawn", "posix_spawnp"):
-        setattr(os, name, _after(before, getattr(os, name)))
+        setattr(os, name, _calling_first(before, getattr(os, name)))
     _track_handles(subprocess.Popen, before)
     _track_handles(multiprocessing.popen_fork.Popen, before)
     shell.events.register("pre_execute", _reap_children)
