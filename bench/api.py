@@ -66,13 +66,21 @@ class LeanClient:
 
     def execute(self, body: bytes) -> dict[str, Any]:
         """POST /tci/execute with ``body``; returns ``data`` (raises on anything but 200)."""
-        self._connection.request("POST", "/tci/execute", body=body, headers=self._headers)
-        response = self._connection.getresponse()
-        payload = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"execute answered {response.status}: {payload[:500]!r}")
+        try:
+            status, payload = self._post(body)
+        except (http.client.RemoteDisconnected, ConnectionError):
+            # The server closed the idle keep-alive connection (uvicorn: after 5 s); httpx reconnects too.
+            self._connection.close()
+            status, payload = self._post(body)
+        if status != 200:
+            raise RuntimeError(f"execute answered {status}: {payload[:500]!r}")
         data: dict[str, Any] = json.loads(payload)["data"]
         return data
+
+    def _post(self, body: bytes) -> tuple[int, bytes]:
+        self._connection.request("POST", "/tci/execute", body=body, headers=self._headers)
+        response = self._connection.getresponse()
+        return response.status, response.read()
 
     def close(self) -> None:
         self._connection.close()
@@ -100,9 +108,11 @@ class WarmSession:
         return [self.round_trip(via_httpx=via_httpx) for _ in range(count)]
 
     def close(self) -> None:
-        close_session(self._client, self.session_id)
-        self._client.close()
-        self._lean.close()
+        try:
+            close_session(self._client, self.session_id)
+        finally:
+            self._client.close()
+            self._lean.close()
 
 
 def new_session_latencies(

@@ -104,7 +104,7 @@ async def latencies(ctx: Context, server: Server) -> None:
         samples: dict[str, list[float]] = {name: [] for name in measures}
         names = list(measures)
         for block in range(plan.latency_blocks):
-            # Rotate the order so no path always runs right after another.
+            # Rotate the order so no path always runs first.
             turn = block % len(names)
             for name in names[turn:] + names[:turn]:
                 samples[name] += await measures[name](plan.latency_block_size)

@@ -13,6 +13,7 @@ is sent.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import io
 import os
 import select
@@ -224,10 +225,12 @@ class Capture:
 
         Without this, lines printed in a burst could still wait in a buffer when the child's output is read,
         and come after it. Called from fork hooks and ``Popen``, possibly inside a write of this same thread
-        (a finaliser): a buffer being written to is left alone rather than waited for.
+        (a finaliser): a buffer being written to (by any thread) is left alone rather than waited for.
         """
         for stream in self.streams.values():
-            stream.write_out(wait=False)
+            # A forked child whose fd 1 or 2 is closed cannot write its buffer; its child still starts.
+            with contextlib.suppress(OSError):
+                stream.write_out(wait=False)
 
     def forward(self, name: str) -> None:
         """Send what waits in the pipe of stream ``name`` now."""
