@@ -277,11 +277,12 @@ def _no_getpass(prompt: str = "Password: ", stream: Any = None) -> str:
 _handles: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def _track_handles(cls: Any, before: Callable[[], None]) -> None:
+def _track_handles(cls: Any, before: Callable[[], None] | None = None) -> None:
     original = cls.__init__
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        before()
+        if before is not None:
+            before()
         original(self, *args, **kwargs)
         _handles.add(self)
         with contextlib.suppress(OSError):
@@ -344,5 +345,5 @@ def _track_children(shell: LeanShell) -> None:
     for name in ("system", "posix_spawn", "posix_spawnp"):
         setattr(os, name, _calling_first(before, getattr(os, name)))
     _track_handles(subprocess.Popen, before)
-    _track_handles(multiprocessing.popen_fork.Popen, before)
+    _track_handles(multiprocessing.popen_fork.Popen)  # it forks: the fork hook has sent them
     shell.events.register("pre_execute", _reap_children)
