@@ -333,15 +333,31 @@ class DockerBackend:
 
     async def claim(self, sandbox: SandboxInfo, claim: Claim) -> SandboxInfo:
         name = labels.claimed_name(self._settings.instance, claim)
+        taken = f"{sandbox.name}.taken"
         try:
             # The engine has no compare-and-swap, but a name is unique: of two control planes
             # renaming the same warm container to the same taken-name, only the first succeeds (the
-            # other finds no container by the old name, or is told the name is already its own).
-            await self._call(self.client.api.rename, sandbox.name, f"{sandbox.name}.taken")
-            await self._call(self.client.api.rename, sandbox.sandbox_id, name)
+            # other finds no container by the old name, or is told the name is already its own)...
+            await self._call(self.client.api.rename, sandbox.name, taken)
         except BackendUnavailable as exc:
             if await self._renamed_elsewhere(sandbox):
                 raise SandboxTaken(f"warm sandbox was claimed by another control plane: {exc}") from exc
+            raise SandboxStartFailed(f"warm sandbox could not be claimed: {exc}") from exc
+        # ...unless the other's rename looked the warm name up before ours and waited for the
+        # container while ours ran: it then renames from whatever name the container has by then.
+        try:
+            winner = await self._call(self._earlier_claim, sandbox.sandbox_id, taken)
+        except BackendUnavailable as exc:
+            # Unknown whether it is ours: removing it could end another's session; the reaper takes
+            # it if nobody claims it.
+            raise SandboxTaken(f"warm sandbox claim could not be checked: {exc}") from exc
+        if winner is not None:
+            with contextlib.suppress(BackendUnavailable):
+                await self._call(self.client.api.rename, sandbox.sandbox_id, winner)
+            raise SandboxTaken(f"warm sandbox was claimed by another control plane as {winner}")
+        try:
+            await self._call(self.client.api.rename, sandbox.sandbox_id, name)
+        except BackendUnavailable as exc:
             raise SandboxStartFailed(f"warm sandbox could not be claimed: {exc}") from exc
         return SandboxInfo(
             sandbox_id=sandbox.sandbox_id,
@@ -351,6 +367,32 @@ class DockerBackend:
             profile=sandbox.profile,
             claim=claim,
         )
+
+    def _earlier_claim(self, sandbox_id: str, taken: str) -> str | None:
+        """The claimed name another control plane gave the container, if its claim came before ours.
+
+        The engine resolves a rename's old name before it takes the container's lock, then renames
+        from whatever name the container has by then. A claim that looked the warm name up while
+        another claim held the lock can so land after that claim's second rename (taken -> claimed),
+        and succeed. Only the first claim renames away from ``taken`` before asking this, and the
+        engine logs renames in the order it made them: such a rename in its log means ours was late.
+        """
+        # Until now, on our clock: a remote engine's clock that runs behind ours makes the engine
+        # wait out the difference; one that runs ahead hides our own rename (logged, then trusted).
+        events = self.client.api.events(
+            until=f"{time.time():.9f}", filters={"container": sandbox_id, "event": "rename"}, decode=True
+        )
+        try:
+            renames = [event.get("Actor", {}).get("Attributes", {}) for event in events]
+        finally:
+            events.close()
+        for attributes in renames:
+            if attributes.get("oldName", "").lstrip("/") == taken and attributes.get("name"):
+                return str(attributes["name"])
+        if not any(attributes.get("name") == taken for attributes in renames):
+            # The engine keeps its last 256 events: a storm of others can push ours out.
+            log.warning("claim_unverified", sandbox=sandbox_id[:12], renames=len(renames))
+        return None
 
     async def _renamed_elsewhere(self, sandbox: SandboxInfo) -> bool:
         """Whether the container still exists under a name other than the one we saw (a lost claim)."""

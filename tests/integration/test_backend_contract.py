@@ -28,6 +28,7 @@ from kubernetes_asyncio.watch import Watch
 from orchestrator.app import create_app, make_backend
 from orchestrator.backends import kubernetes_spec as spec
 from orchestrator.backends.base import Backend
+from orchestrator.backends.docker import DockerBackend
 from orchestrator.backends.kubernetes import KubernetesBackend
 from orchestrator.errors import SandboxImageMissing, SandboxStartFailed, SandboxTaken, SessionNotFound
 from orchestrator.metrics import Metrics
@@ -448,3 +449,36 @@ async def test_kubernetes_a_start_cancelled_as_its_watch_closes_returns_the_conn
     assert responses, "the start watched its pod"
     # A response released or closed has handed its connection back.
     assert [response for response in responses if response.connection is not None] == []
+
+
+@pytest.mark.docker
+async def test_docker_a_claim_the_engine_applies_after_another_claim_gives_the_container_back(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine looks a rename's old name up before it waits for the container's lock: a claim
+    that looked the warm name up while another claim held the lock is applied after that claim's
+    second rename, from the winner's claimed name. Replayed deterministically by sending the late
+    claim's first rename to the container's id, which the engine resolves the same way."""
+    platform = _docker(request)
+    first, late = platform.backend(), platform.backend()
+    await first.start()
+    await late.start()
+    try:
+        assert isinstance(late, DockerBackend)
+        warm = await first.create(None)
+        won = await first.claim(warm, _claim("team-a"))
+        rename = late.client.api.rename
+        monkeypatch.setattr(
+            late.client.api, "rename", lambda ref, name: rename(warm.sandbox_id if ref == warm.name else ref, name)
+        )
+        with pytest.raises(SandboxTaken):
+            await late.claim(warm, _claim("team-b"))
+        (listed,) = [s for s in await first.list() if s.sandbox_id == warm.sandbox_id]
+        assert listed.name == won.name
+        assert listed.claim == won.claim
+        assert listed.running
+    finally:
+        for sandbox in await first.list():
+            await first.destroy(sandbox.sandbox_id)
+        await first.close()
+        await late.close()
