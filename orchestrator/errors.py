@@ -93,6 +93,14 @@ class CapacityExhausted(OrchestratorError):
         self.retry_after = retry_after
 
 
+class CallerGone(OrchestratorError):
+    """The client closed its connection before its code started, so it was not run (nobody reads this)."""
+
+    status_code = 499
+    code = "client_closed_request"
+    type = "invalid_request_error"
+
+
 class Saturated(CapacityExhausted):
     """Every sandbox a SandboxFusion route may use is busy; nothing ran. Its clients retry only 504."""
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .backends.base import Backend, first_request, ready_client
 from .errors import (
+    CallerGone,
     CapacityExhausted,
     OrchestratorError,
     RunnerFailure,
@@ -45,6 +47,10 @@ log = structlog.get_logger(__name__)
 
 # Added to the execute timeout for the runner's interrupt grace, a kernel restart and the trip.
 _REPLY_SLACK = 20.0
+# An execute that waited longer than this asks whether its caller is still there before it starts.
+_WAITED = 0.02
+# With less than this left before the caller's deadline when its turn comes, nothing runs.
+_MIN_RUN = 0.1
 _OUTPUT_TYPES = Literal["stdout", "stderr", "error", "display_data", "execute_result"]
 
 
@@ -75,15 +81,44 @@ def _relay(watcher: ExecuteWatcher, session_id: str, frame: dict[str, Any]) -> N
 
 @dataclass(frozen=True)
 class _Job:
-    """One execute as the runner is asked for it."""
+    """One execute as the runner is asked for it.
+
+    ``deadline`` (monotonic) is when the caller stops waiting for the answer, ``gone`` whether it has
+    already stopped: time spent queued behind the session's other executes or starting its sandbox
+    comes off the run's own time, and code whose caller has left is not started (its SDK retries,
+    and the retry would run it a second time).
+    """
 
     code: str
     files: list[dict[str, str]] | None
     timeout: float
     watcher: ExecuteWatcher | None
+    deadline: float | None = None
+    gone: Callable[[], Awaitable[bool]] | None = None
+    arrived: float = field(default_factory=time.monotonic)
 
-    def args(self) -> dict[str, Any]:
-        args: dict[str, Any] = {"code": self.code, "timeout": self.timeout}
+    async def budget(self) -> float:
+        """The run's time limit now that its turn has come.
+
+        Raises:
+            CallerGone: the caller left while the execute waited (nothing ran).
+            CapacityExhausted: too little of the caller's time is left to run anything (nothing ran).
+        """
+        now = time.monotonic()
+        if self.gone is not None and now - self.arrived > _WAITED and await self.gone():
+            raise CallerGone("the client closed the connection before its code started; nothing ran")
+        if self.deadline is None:
+            return self.timeout
+        left = self.deadline - now
+        if left < _MIN_RUN:
+            raise CapacityExhausted(
+                "the session was busy until the client's read timeout had almost passed; nothing ran"
+            )
+        # Tenths, floored: the limit is quoted back in a timeout's message.
+        return min(self.timeout, math.floor(left * 10) / 10)
+
+    def args(self, timeout: float) -> dict[str, Any]:
+        args: dict[str, Any] = {"code": self.code, "timeout": timeout}
         if self.files:
             args["files"] = self.files
         if self.watcher is not None:
@@ -258,18 +293,25 @@ class SessionManager:
         files: list[dict[str, str]] | None,
         timeout: float,
         watcher: ExecuteWatcher | None = None,
+        *,
+        deadline: float | None = None,
+        gone: Callable[[], Awaitable[bool]] | None = None,
     ) -> ExecuteResult:
         """Run ``code`` in the caller's session, starting one when ``session_id`` is None.
 
         A ``watcher`` makes it a streaming execute: it hears when the code starts and each output.
+        ``deadline`` (``time.monotonic``) is when the caller stops waiting; ``gone`` says whether it
+        has: both are consulted once the execute's turn comes, before anything runs.
 
         Raises:
             SessionNotFound: unknown, expired or another tenant's session (nothing ran).
-            CapacityExhausted: no room for a new session or queue full (nothing ran).
+            CapacityExhausted: no room for a new session, queue full, or the caller's time almost
+                spent by the wait (nothing ran).
+            CallerGone: the caller left before the code's turn came (nothing ran).
             InvalidRequest: the runner refused the files (nothing ran).
             SandboxFailure: no sandbox could be provided (nothing ran).
         """
-        job = _Job(code, files, timeout, watcher)
+        job = _Job(code, files, timeout, watcher, deadline, gone)
         if session_id is None:
             session = await self._new_session(tenant)
             try:
@@ -419,7 +461,7 @@ class SessionManager:
 
     async def _run(self, session: Session, job: _Job, *, fresh: bool = False) -> ExecuteResult:
         async with self._turn(session, fresh=fresh):
-            return await self._send(session, job)
+            return await self._send(session, job, await job.budget())
 
     @contextlib.asynccontextmanager
     async def _turn(self, session: Session, *, fresh: bool) -> AsyncIterator[None]:
@@ -451,12 +493,12 @@ class SessionManager:
                 f"Session {session.session_id} was lost: its sandbox stopped answering", param="session_id"
             ) from exc
 
-    async def _send(self, session: Session, job: _Job) -> ExecuteResult:
+    async def _send(self, session: Session, job: _Job, timeout: float) -> ExecuteResult:
         listener = None if job.watcher is None else functools.partial(_relay, job.watcher, session.session_id)
         began = time.monotonic()
         try:
             raw = await session.client.request(
-                "execute", job.args(), timeout=job.timeout + _REPLY_SLACK, on_progress=listener
+                "execute", job.args(timeout), timeout=timeout + _REPLY_SLACK, on_progress=listener
             )
         except RunnerRefused as exc:
             if exc.code == "kernel_not_ready":

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -36,8 +37,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 router = APIRouter(tags=["code interpreter"], default_response_class=TCIJSONResponse)
 
-# Keep clear of the client's own read timeout, or the 2.x SDK gives up and sends the code again.
+# Keep clear of the client's own read timeout, or the 2.x SDK gives up and sends the code again
+# (half of it when it is short: the answer of code that stops at SIGINT follows at once).
 _CLIENT_TIMEOUT_MARGIN = 5.0
+# A read timeout this long (or infinite, or nonsense) sets no deadline.
+_MAX_CLIENT_TIMEOUT = 365 * 24 * 3600.0
 
 
 _SSE_EXAMPLE = (
@@ -87,14 +91,15 @@ class ExecuteRoute(APIRoute):
                 raise RequestValidationError(exc.errors(include_url=False)) from None
             headers = request.headers
             response: Response = await endpoint(
-                body, tenant, services, headers.get("x-stainless-read-timeout"), headers.get("accept")
+                body, tenant, services, request, headers.get("x-stainless-read-timeout"), headers.get("accept")
             )
             return response
 
         return handler
 
 
-def _timeout(settings: Settings, requested: float | None, client_read_timeout: str | None) -> float:
+def _limits(settings: Settings, requested: float | None, client_read_timeout: str | None) -> tuple[float, float | None]:
+    """The execute's own time limit, and when (``time.monotonic``) the client stops waiting, if it says."""
     configured = settings.execute_timeout_seconds
     if requested is not None:
         configured = min(requested, max(settings.max_execute_timeout_seconds, configured))
@@ -102,15 +107,17 @@ def _timeout(settings: Settings, requested: float | None, client_read_timeout: s
         client = float(client_read_timeout) if client_read_timeout else None
     except ValueError:
         client = None
-    if client is not None and client - _CLIENT_TIMEOUT_MARGIN >= 1:
-        return min(configured, client - _CLIENT_TIMEOUT_MARGIN)
-    return configured
+    if client is None or not 0 < client < _MAX_CLIENT_TIMEOUT:
+        return configured, None
+    # Queueing behind the session's other executes and starting its sandbox come off this too.
+    return configured, time.monotonic() + client - min(_CLIENT_TIMEOUT_MARGIN, client / 2)
 
 
 async def execute(
     body: ExecuteRequest,
     tenant: TenantDep,
     services: ServicesDep,
+    request: Request,
     x_stainless_read_timeout: Annotated[str | None, Header()] = None,
     accept: Annotated[str | None, Header()] = None,
 ) -> Response:
@@ -123,11 +130,13 @@ async def execute(
     interrupts the execute (the session is kept).
     """
     files = [file.model_dump() for file in body.files] if body.files else None
-    timeout = _timeout(services.settings, body.timeout, x_stainless_read_timeout)
+    timeout, deadline = _limits(services.settings, body.timeout, x_stainless_read_timeout)
     manager = services.manager
 
     async def run(watcher: ExecuteWatcher | None) -> ExecuteResult:
-        return await manager.execute(tenant, body.session_id, body.code, files, timeout, watcher)
+        return await manager.execute(
+            tenant, body.session_id, body.code, files, timeout, watcher, deadline=deadline, gone=request.is_disconnected
+        )
 
     if wants_stream(accept):
 

@@ -9,7 +9,12 @@ the command line. Configuration comes from the environment: ``TCI_BASE_URL`` and
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +81,43 @@ SCENARIOS: dict[str, Callable[[Execute], dict[str, Any]]] = {
     "error": scenario_error,
 }
 NAMES = [*SCENARIOS, "notfound"]
+
+
+# The "queued_retry" scenario: how long the hasty client waits, and the execute it queues behind.
+HASTY_TIMEOUT = 3.0
+BLOCKER_SECONDS = 6.0
+
+
+def _file_exists(session_id: str, name: str) -> bool:
+    url = f"{os.environ['TCI_BASE_URL']}/tci/sessions/{session_id}/files/{name}"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {os.environ['TOGETHER_API_KEY']}"})
+    try:
+        with urllib.request.urlopen(request):
+            return True
+    except urllib.error.HTTPError:
+        return False
+
+
+def scenario_queued_retry(patient: Execute, hasty: Execute) -> dict[str, Any]:
+    """An execute queued behind a longer one (of a patient client, on the same session) outlives its
+    client's read timeout, so the SDK sends it again: the code must run once."""
+    session_id = patient("ran = []")["session_id"]
+    blocker = threading.Thread(
+        target=patient,
+        args=(f"import time\nopen('started', 'w').close()\ntime.sleep({BLOCKER_SECONDS})",),
+        kwargs={"session_id": session_id},
+    )
+    blocker.start()
+    deadline = time.monotonic() + 30
+    # The file routes run beside an execute: the marker shows the blocker's code has started.
+    while not _file_exists(session_id, "started"):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the blocking execute never started")
+    began = time.monotonic()
+    queued = hasty("ran.append(1)", session_id=session_id)
+    hasty_seconds = time.monotonic() - began
+    blocker.join()
+    return {"hasty": queued, "hasty_seconds": hasty_seconds, "final": patient("print(ran)", session_id=session_id)}
 
 
 def run_scenario(name: str, execute: Execute, not_found_error: type[BaseException]) -> dict[str, Any]:

@@ -7,13 +7,14 @@ recorded, so retries would show up as extra requests.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import os
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from _common import NAMES, emit, run_scenario
+from _common import HASTY_TIMEOUT, NAMES, emit, run_scenario, scenario_queued_retry
 from together import Together
 from together.error import InvalidRequestError
 
@@ -32,12 +33,14 @@ requests.Session.request = _recording_request  # type: ignore[method-assign]
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=NAMES)
+    parser.add_argument("scenario", choices=[*NAMES, "queued_retry"])
     args = parser.parse_args()
     client = Together(api_key=os.environ["TOGETHER_API_KEY"], base_url=os.environ["TCI_BASE_URL"])
 
-    def execute(code: str, session_id: str | None = None, files: list[dict[str, str]] | None = None) -> dict[str, Any]:
-        response = client.code_interpreter.run(code=code, language="python", session_id=session_id, files=files)
+    def execute(
+        code: str, session_id: str | None = None, files: list[dict[str, str]] | None = None, *, via: Together = client
+    ) -> dict[str, Any]:
+        response = via.code_interpreter.run(code=code, language="python", session_id=session_id, files=files)
         return {
             "class": type(response).__name__,
             "session_id": response.data.session_id,
@@ -46,7 +49,14 @@ def main() -> None:
             "data_errors": response.data.errors,
         }
 
-    result = run_scenario(args.scenario, execute, InvalidRequestError)
+    if args.scenario == "queued_retry":
+        # 1.x sends no read timeout: the abandoned attempt is recognised by its closed connection.
+        hasty = Together(
+            api_key=os.environ["TOGETHER_API_KEY"], base_url=os.environ["TCI_BASE_URL"], timeout=HASTY_TIMEOUT
+        )
+        result = scenario_queued_retry(execute, functools.partial(execute, via=hasty))
+    else:
+        result = run_scenario(args.scenario, execute, InvalidRequestError)
     result["requests"] = REQUESTS
     result["sdk"] = importlib.metadata.version("together")
     emit(result)

@@ -8,12 +8,13 @@ HTTP request is recorded through an httpx event hook, so retries would show up a
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from typing import Any
 
 import httpx
 import together
-from _common import NAMES, emit, run_scenario
+from _common import HASTY_TIMEOUT, NAMES, emit, run_scenario, scenario_queued_retry
 from together import Together
 
 REQUESTS: list[dict[str, Any]] = []
@@ -64,18 +65,20 @@ def _output(output: Any) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=[*NAMES, "sessions", "read_timeout"])
+    parser.add_argument("scenario", choices=[*NAMES, "sessions", "read_timeout", "queued_retry"])
     parser.add_argument("--strict", action="store_true")
     args = parser.parse_args()
     client = make_client(args.strict, READ_TIMEOUT if args.scenario == "read_timeout" else None)
 
-    def execute(code: str, session_id: str | None = None, files: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    def execute(
+        code: str, session_id: str | None = None, files: list[dict[str, str]] | None = None, *, via: Together = client
+    ) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"code": code, "language": "python"}
         if session_id is not None:
             kwargs["session_id"] = session_id
         if files is not None:
             kwargs["files"] = files
-        response = client.code_interpreter.execute(**kwargs)
+        response = via.code_interpreter.execute(**kwargs)
         return {
             "class": type(response).__name__,
             "session_id": response.data.session_id,
@@ -119,6 +122,9 @@ def main() -> None:
         # Longer than the client waits: the server must stop it first and answer once, or the SDK
         # times out and sends the code again.
         result = {"first": execute("import time\nprint('started', flush=True)\ntime.sleep(30)\nprint('late')")}
+    elif args.scenario == "queued_retry":
+        hasty = make_client(args.strict, HASTY_TIMEOUT)
+        result = scenario_queued_retry(execute, functools.partial(execute, via=hasty))
     else:
         result = run_scenario(args.scenario, execute, together.NotFoundError)
     result["requests"] = REQUESTS
