@@ -197,3 +197,31 @@ async def test_a_forked_child_never_writes_on_the_interpreters_socket(fresh_runn
     assert result.result["state_lost"] is False
     assert result.text("stdout") == "child\nparent\n"
     assert (await runner.execute("print(6 * 7)")).text("stdout") == "42\n"
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+async def test_a_cell_that_sets_a_standard_stream_to_none_costs_nothing_later(fresh_runner, stream):
+    # IPython writes through sys.stdout and sys.stderr around every cell: None there used to fail the
+    # next cell inside IPython, which ended the interpreter and its state.
+    runner = fresh_runner
+    set_none = await runner.execute(f"import sys\nkept = 42\nsys.{stream} = None\nprint('gone')")
+    assert set_none.outcome == "ok"
+    after = await runner.execute("print('after', kept)")
+    assert after.outcome == "ok"
+    assert after.result["state_lost"] is False
+    assert after.text("stdout") == "after 42\n"
+    assert (await runner.stats())["kernel_restarts"] == 0
+
+
+async def test_an_error_ipython_cannot_format_is_still_the_cells_error(fresh_runner):
+    # With a recursion limit this low IPython's traceback formatter fails and prints a fallback to
+    # stderr instead of sending the error: the cell still failed.
+    runner = fresh_runner
+    assert (await runner.execute("import sys\nkept = 42\nsys.setrecursionlimit(30)")).outcome == "ok"
+    result = await runner.execute("raise ValueError('deep')")
+    assert result.outcome == "error", result.outputs
+    errors = [o for o in result.outputs if o["type"] == "error"]
+    assert len(errors) == 1, result.outputs
+    assert "ValueError" in errors[0]["data"] and "deep" in errors[0]["data"]
+    restored = await runner.execute("sys.setrecursionlimit(3000)\nprint(kept)")
+    assert restored.text("stdout") == "42\n"

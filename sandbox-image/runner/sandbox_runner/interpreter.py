@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import traceback
 from typing import Any, Final
 
 # The runner stays at the default priority, so that however busy user code keeps the CPU, the runner
@@ -46,6 +47,11 @@ def main() -> None:
         cell, code = request.get("cell"), request.get("code")
         if not isinstance(code, str):
             continue
+        for name in ("stdout", "stderr"):
+            # IPython writes through sys.stdout around every cell: a cell's ``sys.stdout = None``
+            # would fail every later cell before it starts.
+            if getattr(sys, name) is None:
+                setattr(sys, name, capture.streams[name])
         capture.begin()
         _run_cell(shell, code)
         dropped = capture.end()
@@ -63,20 +69,51 @@ def main() -> None:
 
 
 def _run_cell(shell: Any, code: str) -> None:
-    """Run one cell with SIGINT armed; an interrupt that lands outside the cell's own handling is dropped."""
+    """Run one cell with SIGINT armed; an interrupt that lands outside the cell's own handling is dropped.
+
+    Every error the cell raised is sent as an ``error`` output, even one IPython could not format (it
+    prints a fallback instead) or one raised by IPython's own machinery around the cell (a shell method
+    the cell replaced): the cell failed, the interpreter and its state go on.
+    """
+    shell.error_sent = False
     try:
         try:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            shell.run_cell(code, store_history=True)
+            result = shell.run_cell(code, store_history=True)
         finally:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
     except KeyboardInterrupt:
         pass
+    except Exception as exc:  # noqa: BLE001 - IPython failing around the cell ends the cell, not the interpreter
+        _send_error(shell, exc)
+    else:
+        error = getattr(result, "error_before_exec", None) or getattr(result, "error_in_exec", None)
+        if isinstance(error, BaseException) and not shell.error_sent:
+            _send_error(shell, error)
     while signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         except KeyboardInterrupt:
             continue
+
+
+def _send_error(shell: Any, exc: BaseException) -> None:
+    """Send ``exc`` as the cell's error output, formatted plainly (the cell may have broken IPython's way)."""
+    limit = sys.getrecursionlimit()
+    try:
+        # The cell may have left a recursion limit too low to format anything.
+        sys.setrecursionlimit(max(limit, 1000))
+        try:
+            evalue = str(exc)
+        except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error
+            evalue = f"<unprintable {type(exc).__name__} object>"
+        stb = traceback.format_exception(exc)
+    except Exception:  # noqa: BLE001 - the error is still sent, without its traceback
+        evalue, stb = "", []
+    finally:
+        sys.setrecursionlimit(limit)
+    shell.capture.send({"type": "error", "ename": type(exc).__name__, "evalue": evalue, "traceback": stb})
+    shell.error_sent = True
 
 
 if __name__ == "__main__":

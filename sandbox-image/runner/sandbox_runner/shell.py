@@ -130,9 +130,13 @@ class LeanShell(InteractiveShell):
             )
         )
 
+    # Whether the running cell's error has been sent; interpreter.py sends one IPython could not.
+    error_sent = False
+
     def _showtraceback(self, etype: type[BaseException], evalue: BaseException, stb: list[str]) -> None:
         self.capture.send({"type": "error", "ename": etype.__name__, "evalue": str(evalue), "traceback": stb})
         self._last_traceback = stb
+        self.error_sent = True
 
     def system_piped(self, cmd: str) -> None:
         """``!cmd``: a shell whose output goes straight into the captured descriptors.
