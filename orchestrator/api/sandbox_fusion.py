@@ -136,6 +136,9 @@ async def run_jupyter(body: RunJupyterRequest, tenant: FusionTenantDep, services
 
 async def _cells(body: RunJupyterRequest, session: Session, services: ServicesDep) -> RunJupyterResponse:
     manager = services.manager
+    settings = services.settings
+    # Like an execute's own timeout: any value is accepted, and capped at the server's maximum.
+    longest = max(settings.max_execute_timeout_seconds, settings.execute_timeout_seconds)
     files: list[dict[str, str]] | None = uploads(dict(body.files)) or None
     began = time.monotonic()
     cells: list[CellRunResult] = []
@@ -147,7 +150,7 @@ async def _cells(body: RunJupyterRequest, session: Session, services: ServicesDe
             if remaining <= 0:
                 status = "TimeLimitExceeded"
                 break
-            limit = min(body.cell_timeout or remaining, remaining)
+            limit = min(body.cell_timeout or remaining, remaining, longest)
             result = await manager.execute_in(session, code, files, limit)
             files = None
             cells.append(to_cell(result))

@@ -353,3 +353,13 @@ def test_verl_retries_a_504_and_then_scores(api: TestClient) -> None:
         assert seen[0] == 504
         assert seen[-1] == 200
         assert slow.result(timeout=60)["status"] == "Success"
+
+
+@pytest.mark.parametrize("total_timeout", [1e6, 1e308])
+def test_run_jupyter_caps_a_huge_total_timeout(api: TestClient, total_timeout: float) -> None:
+    # The runner refuses limits over a day; the route caps them as /run_code caps run_timeout.
+    response = api.post("/run_jupyter", json={"cells": ["print(6 * 7)"], "total_timeout": total_timeout})
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert (data["status"], data["driver"]["status"]) == ("Success", "Finished"), data
+    assert data["cells"][0]["stdout"] == "42\n"

@@ -222,6 +222,7 @@ async def test_an_error_ipython_cannot_format_is_still_the_cells_error(fresh_run
     assert result.outcome == "error", result.outputs
     errors = [o for o in result.outputs if o["type"] == "error"]
     assert len(errors) == 1, result.outputs
-    assert "ValueError" in errors[0]["data"] and "deep" in errors[0]["data"]
+    assert "ValueError" in errors[0]["data"]
+    assert "deep" in errors[0]["data"]
     restored = await runner.execute("sys.setrecursionlimit(3000)\nprint(kept)")
     assert restored.text("stdout") == "42\n"
