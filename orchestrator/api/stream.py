@@ -33,8 +33,28 @@ _ABANDONED: set[asyncio.Task[Any]] = set()
 
 
 def wants_stream(accept: str | None) -> bool:
-    """Whether the ``Accept`` header asks for server-sent events."""
-    return accept is not None and MEDIA_TYPE in accept.lower()
+    """Whether the ``Accept`` header asks for server-sent events, and prefers them to JSON (pure).
+
+    Quality values count as in RFC 9110: ``text/event-stream;q=0`` refuses a stream, and a stream
+    ranked below ``application/json`` is not chosen.
+    """
+    if accept is None or MEDIA_TYPE not in accept.lower():
+        return False
+    ranks = {MEDIA_TYPE: 0.0, "application/json": 0.0}
+    for item in accept.lower().split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        if media not in ranks:
+            continue
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        ranks[media] = max(ranks[media], quality)
+    return ranks[MEDIA_TYPE] > 0 and ranks[MEDIA_TYPE] >= ranks["application/json"]
 
 
 def _event(name: str, data: Any) -> ServerSentEvent:
