@@ -536,6 +536,11 @@ class SessionManager:
                 f"SessionExpired: session {session.session_id} reached the end of its lifespan while this "
                 "code was running; its sandbox was removed. Start a new session."
             )
+        elif reason == "closed":
+            message = (
+                f"SessionClosed: session {session.session_id} was closed (DELETE) while this code was "
+                "running; its sandbox was removed. Start a new session."
+            )
         else:
             message = (
                 f"SandboxError: the session's sandbox failed while running this code ({detail}). "

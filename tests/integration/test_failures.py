@@ -288,3 +288,23 @@ def test_closed_standard_descriptors_come_back_at_the_next_cell(api: Api) -> Non
     after = api.run("import subprocess\nprint(kept)\nsubprocess.run(['echo', 'child'])", sid)
     assert after["outcome"] == "ok"
     assert text_of(after, "stdout") == "1\nchild\n"
+
+
+def test_an_execute_whose_session_is_deleted_meanwhile_says_so(api: Api) -> None:
+    sid = api.run("kept = 1")["session_id"]
+    result: dict[str, Any] = {}
+
+    def send() -> None:
+        result["response"] = api.post("import time\nopen('busy', 'w').close()\ntime.sleep(60)", sid, timeout=60)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    wait_for(lambda: api.has_file(sid, "busy"), 30, "the execute to be running")
+    assert api.http.delete(f"/v1/tci/sessions/{sid}").status_code == 204
+    thread.join(60)
+    response = result["response"]
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert data["outcome"] == "sandbox_lost"
+    assert "SessionClosed" in text_of(data, "error"), data
+    assert sid not in api.session_ids()
