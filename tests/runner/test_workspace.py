@@ -41,6 +41,7 @@ def test_write_read_list_delete(root: Path) -> None:
     listing = workspace.list_dir(root, "", LIMITS)
     assert [(e["path"], e["type"], e["size"]) for e in listing["entries"]] == [("a", "directory", 0)]
     assert workspace.list_dir(root, "a/b", LIMITS)["entries"][0]["path"] == "a/b/c.bin"
+    assert workspace.list_dir(root, "a/b/", LIMITS)["entries"][0]["path"] == "a/b/c.bin"
     workspace.delete(root, "a", LIMITS)
     assert not (root / "a").exists()
     refused("file_not_found", workspace.read_chunk, root, "a/b/c.bin", LIMITS, 0, 1, 1000)

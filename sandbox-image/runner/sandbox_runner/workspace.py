@@ -58,6 +58,8 @@ def _missing(name: Any) -> WorkspaceRefused:
 
 def list_dir(root: Path, name: Any, limits: Limits) -> dict[str, Any]:
     """Regular files and directories in one directory (symlinks, FIFOs and devices are left out)."""
+    if isinstance(name, str) and name.strip("/") and not name.startswith("/"):
+        name = name.rstrip("/")  # "plots/" names a directory as well as "plots" does
     directory = resolve_path(root, name, limits, root_allowed=True).resolve()
     real_root = root.resolve()
     if not directory.exists():
