@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -114,8 +113,8 @@ class _Job:
             raise CapacityExhausted(
                 "the session was busy until the client's read timeout had almost passed; nothing ran"
             )
-        # Tenths, floored: the limit is quoted back in a timeout's message.
-        return min(self.timeout, math.floor(left * 10) / 10)
+        # In tenths: the limit is quoted back in a timeout's message.
+        return min(self.timeout, round(left, 1))
 
     def args(self, timeout: float) -> dict[str, Any]:
         args: dict[str, Any] = {"code": self.code, "timeout": timeout}

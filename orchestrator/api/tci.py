@@ -37,8 +37,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 router = APIRouter(tags=["code interpreter"], default_response_class=TCIJSONResponse)
 
-# Keep clear of the client's own read timeout, or the 2.x SDK gives up and sends the code again
-# (half of it when it is short: the answer of code that stops at SIGINT follows at once).
+# Keep clear of the client's own read timeout, or the 2.x SDK gives up and sends the code again:
+# room for the runner's interrupt grace and a kernel restart, or half of a read timeout too short
+# for that (the answer of code that stops at SIGINT follows at once).
 _CLIENT_TIMEOUT_MARGIN = 5.0
 # A read timeout this long (or infinite, or nonsense) sets no deadline.
 _MAX_CLIENT_TIMEOUT = 365 * 24 * 3600.0
@@ -110,7 +111,8 @@ def _limits(settings: Settings, requested: float | None, client_read_timeout: st
     if client is None or not 0 < client < _MAX_CLIENT_TIMEOUT:
         return configured, None
     # Queueing behind the session's other executes and starting its sandbox come off this too.
-    return configured, time.monotonic() + client - min(_CLIENT_TIMEOUT_MARGIN, client / 2)
+    margin = _CLIENT_TIMEOUT_MARGIN if client - _CLIENT_TIMEOUT_MARGIN >= 1 else client / 2
+    return configured, time.monotonic() + client - margin
 
 
 async def execute(

@@ -226,3 +226,10 @@ async def test_an_error_ipython_cannot_format_is_still_the_cells_error(fresh_run
     assert "deep" in errors[0]["data"]
     restored = await runner.execute("sys.setrecursionlimit(3000)\nprint(kept)")
     assert restored.text("stdout") == "42\n"
+
+
+@pytest.mark.parametrize("code", ["%nosuchmagic", "%%nosuchcell\nx"])
+async def test_a_usage_error_is_one_line_on_stderr_as_in_jupyter(fresh_runner, code):
+    result = await fresh_runner.execute(code)
+    assert result.of("error") == [], result.outputs
+    assert "UsageError" in result.text("stderr")

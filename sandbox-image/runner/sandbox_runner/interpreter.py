@@ -88,13 +88,25 @@ def _run_cell(shell: Any, code: str) -> None:
         _send_error(shell, exc)
     else:
         error = getattr(result, "error_before_exec", None) or getattr(result, "error_in_exec", None)
-        if isinstance(error, BaseException) and not shell.error_sent:
+        if isinstance(error, BaseException) and not shell.error_sent and not _shown_otherwise(shell, error):
             _send_error(shell, error)
     while signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         except KeyboardInterrupt:
             continue
+
+
+def _shown_otherwise(shell: Any, error: BaseException) -> bool:
+    """Errors IPython reports without a traceback on purpose, as a Jupyter kernel does: a usage error
+    (an unknown magic) is a line on stderr, leaving the debugger says nothing, and an exception the
+    cell registered a handler for (``set_custom_exc``) is that handler's to show."""
+    from bdb import BdbQuit
+
+    from IPython.core.error import UsageError
+
+    custom = tuple(getattr(shell, "custom_exceptions", ()) or ())
+    return isinstance(error, (UsageError, BdbQuit, *custom))
 
 
 def _send_error(shell: Any, exc: BaseException) -> None:
@@ -107,7 +119,8 @@ def _send_error(shell: Any, exc: BaseException) -> None:
             evalue = str(exc)
         except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error
             evalue = f"<unprintable {type(exc).__name__} object>"
-        stb = traceback.format_exception(exc)
+        # Lines, as IPython's own tracebacks are sent (format_exception's items end in newlines).
+        stb = "".join(traceback.format_exception(exc)).rstrip("\n").split("\n")
     except Exception:  # noqa: BLE001 - the error is still sent, without its traceback
         evalue, stb = "", []
     finally:

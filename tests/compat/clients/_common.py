@@ -113,6 +113,7 @@ def scenario_queued_retry(patient: Execute, hasty: Execute) -> dict[str, Any]:
     while not _file_exists(session_id, "started"):
         if time.monotonic() > deadline:
             raise RuntimeError("the blocking execute never started")
+        time.sleep(0.05)  # a pause between polls, not a synchronisation
     began = time.monotonic()
     queued = hasty("ran.append(1)", session_id=session_id)
     hasty_seconds = time.monotonic() - began
