@@ -43,6 +43,9 @@ class SandboxInfo:
     created_at: float
     profile: str
     claim: Claim | None = None
+    pristine: bool = True
+    """False for an unclaimed sandbox a claim was interrupted on: it may hold a session's state, so it
+    is never handed out as a warm one."""
 
 
 @dataclass

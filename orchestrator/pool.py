@@ -92,7 +92,13 @@ class WarmPool:
 
     async def adopt(self, sandbox: SandboxInfo) -> bool:
         """Take over an unclaimed sandbox found at start-up; False means the caller removes it."""
-        if self.size == 0 or not sandbox.running or sandbox.profile != self._profile or len(self._ready) >= self.size:
+        if (
+            self.size == 0
+            or not sandbox.running
+            or not sandbox.pristine
+            or sandbox.profile != self._profile
+            or len(self._ready) >= self.size
+        ):
             return False
         try:
             client = await ready_client(self._backend, sandbox, 10)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import secrets
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 
@@ -49,6 +52,13 @@ _LIBRARY_FILL_SECONDS = 900.0
 _LIBRARY_RECHECK_SECONDS = 10.0
 # Without a set (no image at start, a failed fill): how often to try again.
 _LIBRARY_RETRY_SECONDS = 60.0
+# A claim's check of the engine's event log: how far past "now" it asks the second time, how long it
+# waits for the answer, how often it re-reads the engine's clock, and the offset taken for noise.
+_EVENTS_AHEAD_SECONDS = 0.05
+_EVENTS_TIMEOUT_SECONDS = 2.0
+_OFFSET_REFRESH_SECONDS = 60.0
+_OFFSET_NOISE_SECONDS = 0.05
+_GIVE_BACK_ATTEMPTS = 3
 
 
 @contextlib.contextmanager
@@ -96,6 +106,9 @@ class DockerBackend:
         """Set once the image's library volumes are complete; sandboxes made before go without."""
         self._library_fill: asyncio.Task[None] | None = None
         self._library_checked = 0.0
+        # The engine's clock against ours, for reading its event log (see _engine_offset).
+        self._offset = 0.0
+        self._offset_read_at = -_OFFSET_REFRESH_SECONDS
 
     async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         def run() -> T:
@@ -346,14 +359,13 @@ class DockerBackend:
         # ...unless the other's rename looked the warm name up before ours and waited for the
         # container while ours ran: it then renames from whatever name the container has by then.
         try:
-            winner = await self._call(self._earlier_claim, sandbox.sandbox_id, taken)
+            winner = await self._call(self._earlier_claim, sandbox, taken)
         except BackendUnavailable as exc:
-            # Unknown whether it is ours: removing it could end another's session; the reaper takes
-            # it if nobody claims it.
+            # Unknown whether it is ours: removing it could end another's session; the reaper takes it
+            # if nobody claims it, and its name keeps it out of any warm pool.
             raise SandboxTaken(f"warm sandbox claim could not be checked: {exc}") from exc
         if winner is not None:
-            with contextlib.suppress(BackendUnavailable):
-                await self._call(self.client.api.rename, sandbox.sandbox_id, winner)
+            await self._give_back(sandbox.sandbox_id, winner)
             raise SandboxTaken(f"warm sandbox was claimed by another control plane as {winner}")
         try:
             await self._call(self.client.api.rename, sandbox.sandbox_id, name)
@@ -368,31 +380,80 @@ class DockerBackend:
             claim=claim,
         )
 
-    def _earlier_claim(self, sandbox_id: str, taken: str) -> str | None:
+    def _earlier_claim(self, sandbox: SandboxInfo, taken: str) -> str | None:
         """The claimed name another control plane gave the container, if its claim came before ours.
 
         The engine resolves a rename's old name before it takes the container's lock, then renames
         from whatever name the container has by then. A claim that looked the warm name up while
         another claim held the lock can so land after that claim's second rename (taken -> claimed),
-        and succeed. Only the first claim renames away from ``taken`` before asking this, and the
-        engine logs renames in the order it made them: such a rename in its log means ours was late.
+        and succeed. The engine logs renames in the order it made them, starting with the first
+        claim's (warm -> taken); only that claim renames away from ``taken`` before asking this: such
+        a rename after it means ours came second.
+
+        Raises:
+            BackendUnavailable: the log does not reach back to the first claim (the engine keeps its
+                last 256 events, or its clock runs ahead of ours), or the engine did not answer.
         """
-        # Until now, on our clock: a remote engine's clock that runs behind ours makes the engine
-        # wait out the difference; one that runs ahead hides our own rename (logged, then trusted).
+        # Until now on the engine's clock, then a little beyond it: the engine holds the answer back
+        # until then, and the first claim's rename may be logged a moment "after" our now.
+        for ahead in (0.0, _EVENTS_AHEAD_SECONDS):
+            renames = self._renames(sandbox.sandbox_id, time.time() + self._engine_offset() + ahead)
+            first = next(
+                (i for i, r in enumerate(renames) if r["oldName"] == sandbox.name and r["name"] == taken), None
+            )
+            if first is not None:
+                later = (r["name"] for r in renames[first + 1 :] if r["oldName"] == taken and r["name"])
+                return next(later, None)
+        raise BackendUnavailable("the engine's event log does not show the warm sandbox's first claim")
+
+    def _renames(self, sandbox_id: str, until: float) -> list[dict[str, str]]:
+        """The container's renames the engine still remembers up to ``until``, oldest first."""
         events = self.client.api.events(
-            until=f"{time.time():.9f}", filters={"container": sandbox_id, "event": "rename"}, decode=True
+            until=f"{until:.9f}", filters={"container": sandbox_id, "event": "rename"}, decode=True
         )
+        # docker-py reads the events without a timeout: never wait on the engine for long.
+        timer = threading.Timer(_EVENTS_TIMEOUT_SECONDS, events.close)
+        timer.start()
         try:
-            renames = [event.get("Actor", {}).get("Attributes", {}) for event in events]
+            found = []
+            for event in events:
+                attributes = event.get("Actor", {}).get("Attributes", {})
+                found.append(
+                    {"oldName": str(attributes.get("oldName", "")).lstrip("/"), "name": str(attributes.get("name", ""))}
+                )
+            return found
+        except Exception as exc:
+            raise BackendUnavailable(f"reading the engine's events failed: {exc!r}") from exc
         finally:
+            timer.cancel()
             events.close()
-        for attributes in renames:
-            if attributes.get("oldName", "").lstrip("/") == taken and attributes.get("name"):
-                return str(attributes["name"])
-        if not any(attributes.get("name") == taken for attributes in renames):
-            # The engine keeps its last 256 events: a storm of others can push ours out.
-            log.warning("claim_unverified", sandbox=sandbox_id[:12], renames=len(renames))
-        return None
+
+    def _engine_offset(self) -> float:
+        """How far the engine's clock runs ahead of ours (0 within the error of measuring it), re-read
+        every minute: a remote engine, or a virtual machine's after a sleep, can be off by minutes."""
+        now = time.monotonic()
+        if now - self._offset_read_at >= _OFFSET_REFRESH_SECONDS:
+            before = time.time()
+            system_time = str(self.client.api.info().get("SystemTime", ""))
+            after = time.time()
+            try:
+                # Nanoseconds are more than datetime takes; microseconds are plenty here.
+                engine = datetime.fromisoformat(re.sub(r"(\.\d{6})\d*", r"\1", system_time)).timestamp()
+            except ValueError:
+                engine = (before + after) / 2
+            offset = engine - (before + after) / 2
+            self._offset = offset if abs(offset) > max(after - before, _OFFSET_NOISE_SECONDS) else 0.0
+            self._offset_read_at = now
+        return self._offset
+
+    async def _give_back(self, sandbox_id: str, winner: str) -> None:
+        """Restore the winning claim's name, which our late rename took away."""
+        for attempt in range(_GIVE_BACK_ATTEMPTS):
+            try:
+                await self._call(self.client.api.rename, sandbox_id, winner)
+                return
+            except BackendUnavailable as exc:
+                log.warning("claim_give_back_failed", sandbox=sandbox_id[:12], attempt=attempt + 1, error=str(exc))
 
     async def _renamed_elsewhere(self, sandbox: SandboxInfo) -> bool:
         """Whether the container still exists under a name other than the one we saw (a lost claim)."""
@@ -426,7 +487,8 @@ class DockerBackend:
                     running=attrs.get("State") == "running",
                     created_at=float(container_labels.get(labels.CREATED, "0") or 0),
                     profile=container_labels.get(labels.PROFILE, ""),
-                    claim=labels.parse_claim(name),
+                    claim=(claim := labels.parse_claim(name)),
+                    pristine=claim is not None or labels.is_pool_name(name),
                 )
             )
         if self._sockets is not None:

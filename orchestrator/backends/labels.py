@@ -24,6 +24,7 @@ TEST_RUN: Final = f"{NAMESPACE}.test-run"
 CHANNEL: Final = f"{NAMESPACE}.channel"
 
 _PREFIX: Final = "tci"
+_POOL: Final = re.compile(r"^tci\.[A-Za-z0-9_-]+\.pool\.[0-9a-f]+$")
 _CLAIMED: Final = re.compile(
     r"^tci\.(?P<instance>[A-Za-z0-9_-]+)\.(?P<session>ses_[A-Za-z0-9]+)\.(?P<tenant>[A-Za-z0-9_-]+)"
     r"\.(?P<started>\d+)\.(?P<expires>\d+)$"
@@ -50,6 +51,11 @@ def selector(instance: str) -> list[str]:
 def pool_name(instance: str) -> str:
     """Name of an unclaimed (warm) sandbox."""
     return f"{_PREFIX}.{instance}.pool.{secrets.token_hex(8)}"
+
+
+def is_pool_name(name: str) -> bool:
+    """Whether ``name`` is a warm sandbox's own (not one a claim was renaming when it was interrupted)."""
+    return _POOL.match(name.lstrip("/")) is not None
 
 
 def claimed_name(instance: str, claim: Claim) -> str:

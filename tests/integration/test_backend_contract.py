@@ -482,3 +482,31 @@ async def test_docker_a_claim_the_engine_applies_after_another_claim_gives_the_c
             await first.destroy(sandbox.sandbox_id)
         await first.close()
         await late.close()
+
+
+@pytest.mark.docker
+async def test_docker_a_claim_that_cannot_be_checked_leaves_a_sandbox_no_pool_takes(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the engine's event log does not reach back to the claim (it keeps only its last events),
+    the claimer cannot tell whether it won: it gives up the sandbox without removing it (it may be
+    another control plane's session), and the name it leaves keeps it out of every warm pool."""
+    platform = _docker(request)
+    backend = platform.backend()
+    await backend.start()
+    try:
+        assert isinstance(backend, DockerBackend)
+        warm = await backend.create(None)
+        (listed,) = [s for s in await backend.list() if s.sandbox_id == warm.sandbox_id]
+        assert listed.pristine
+        monkeypatch.setattr(backend, "_renames", lambda sandbox_id, until: [])
+        with pytest.raises(SandboxTaken):
+            await backend.claim(warm, _claim())
+        (listed,) = [s for s in await backend.list() if s.sandbox_id == warm.sandbox_id]
+        assert listed.claim is None
+        assert not listed.pristine
+        assert listed.running
+    finally:
+        for sandbox in await backend.list():
+            await backend.destroy(sandbox.sandbox_id)
+        await backend.close()

@@ -154,3 +154,19 @@ def test_attach_channel_keeps_working_and_is_readopted(docker_client, run_id, ma
     # A new process (same instance) re-adopts the session over a fresh attach.
     with TestClient(create_app(settings)) as api:
         assert text_of(execute(api, "print(x * 2)", sid), "stdout") == "10\n"
+
+
+def test_a_warm_container_a_claim_was_interrupted_on_is_never_adopted(docker_client, run_id, make_settings):
+    # Between a claim's two renames the container is named "<warm name>.taken"; a session may have run
+    # there since (a claim the engine applied late). A restarted server must not hand it out as warm.
+    settings = make_settings(pool_size=1, reaper_interval_seconds=3600)
+    with TestClient(create_app(settings)) as api:
+        wait_for(lambda: len(our_containers(docker_client, run_id)) == 1, 60, "the pool to fill")
+        assert api.get("/healthz").status_code == 200
+    (warm,) = our_containers(docker_client, run_id)
+    assert labels.is_pool_name(warm.name)
+    warm.rename(f"{warm.name}.taken")
+    with TestClient(create_app(settings)):
+        # Reconcile has run: the interrupted one is gone, and the pool refills with a new sandbox.
+        names = {c.id: c.name for c in our_containers(docker_client, run_id)}
+        assert warm.id not in names, names

@@ -37,3 +37,13 @@ def test_session_ids_are_long_random_and_checked():
     assert looks_like_session_id(sample)
     for bad in ("ses_", "ses_../../x", "abc", "ses_" + "a" * 100, "ses_ab cd1234"):
         assert not looks_like_session_id(bad)
+
+
+def test_only_a_warm_sandboxs_own_name_is_a_pool_name():
+    warm = labels.pool_name("inst")
+    assert labels.is_pool_name(warm)
+    assert labels.is_pool_name("/" + warm)
+    # A claim interrupted between its renames leaves this; the sandbox may hold a session's state.
+    assert not labels.is_pool_name(warm + ".taken")
+    claimed = labels.claimed_name("inst", Claim("ses_abc", "team", 1.0, 2.0))
+    assert not labels.is_pool_name(claimed)
