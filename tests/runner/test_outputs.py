@@ -292,3 +292,18 @@ async def test_top_level_async_forms_run_as_coroutines(runner):
     assert plain.outputs == [
         {"type": "execute_result", "data": {"text/plain": "'no await here: async is a word in this string'"}}
     ]
+
+
+async def test_a_shell_escapes_output_comes_before_what_the_cell_prints_after_it(runner):
+    # Holding the channel's lock keeps the output thread from reading the pipes (it reads under that
+    # lock), as a slow or starved output thread would: the escape itself must hand its output on.
+    code = (
+        "with get_ipython().capture._channel.lock:\n"
+        "    get_ipython().system('ls /nonexistent-dir')\n"
+        "    print(_exit_code, flush=True)\n"
+    )
+    for _ in range(3):
+        result = await runner.execute(code)
+        assert result.outcome == "ok", result.outputs
+        assert [o["type"] for o in result.outputs] == ["stderr", "stdout"], result.outputs
+        assert result.outputs[1]["data"] == "2\n"

@@ -232,6 +232,11 @@ class Capture:
             with contextlib.suppress(OSError):
                 stream.write_out(wait=False)
 
+    def after_child(self) -> None:
+        """A child process has exited: what it wrote to either pipe goes before what is printed next."""
+        with self._channel.lock:
+            self._drain()
+
     def forward(self, name: str) -> None:
         """Send what waits in the pipe of stream ``name`` now."""
         with self._channel.lock:

@@ -146,6 +146,9 @@ class LeanShell(InteractiveShell):
         """
         # depth=1: names in the cell's frame (a function's locals) expand as in ipykernel's own method.
         exit_code = run_shell(self.var_expand(cmd, depth=1))  # type: ignore[no-untyped-call]
+        # Its output waits in the pipes: read it now, or a print after it in the other stream (its
+        # exit code, say) could be sent first when the output thread is slow to run.
+        self.capture.after_child()
         self.user_ns["_exit_code"] = exit_code
         if getattr(self, "system_raise_on_error", False) and exit_code != 0:
             raise subprocess.CalledProcessError(exit_code, cmd)
