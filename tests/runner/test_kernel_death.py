@@ -233,3 +233,17 @@ async def test_a_usage_error_is_one_line_on_stderr_as_in_jupyter(fresh_runner, c
     result = await fresh_runner.execute(code)
     assert result.of("error") == [], result.outputs
     assert "UsageError" in result.text("stderr")
+
+
+async def test_a_callback_that_exits_fails_its_cell_not_the_interpreter(fresh_runner):
+    runner = fresh_runner
+    register = (
+        "import sys\nkept = 42\n"
+        "def leave(result):\n    sys.exit(3)\n"
+        "get_ipython().events.register('post_run_cell', leave)"
+    )
+    result = await runner.execute(register)
+    assert [data.splitlines()[-1] for data in result.of("error")] == ["SystemExit: 3"], result.outputs
+    after = await runner.execute("get_ipython().events.unregister('post_run_cell', leave)\nprint(kept)")
+    assert after.text("stdout") == "42\n"
+    assert (await runner.stats())["kernel_restarts"] == 0

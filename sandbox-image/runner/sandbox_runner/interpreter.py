@@ -84,7 +84,9 @@ def _run_cell(shell: Any, code: str) -> None:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
     except KeyboardInterrupt:
         pass
-    except Exception as exc:  # noqa: BLE001 - IPython failing around the cell ends the cell, not the interpreter
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - IPython failing around the cell ends the cell only
+        # (a SystemExit gets here only from IPython's own machinery, a post_run_cell callback's say: the
+        # cell's own is shown by IPython; exit() and quit() end the interpreter through exit_now)
         _send_error(shell, exc)
     else:
         error = getattr(result, "error_before_exec", None) or getattr(result, "error_in_exec", None)
