@@ -12,7 +12,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -57,6 +57,25 @@ class Api:
         listed = self.http.get(f"/v1/tci/sessions/{session_id}/files")
         assert listed.status_code == 200, listed.text
         return any(entry["name"] == name for entry in listed.json()["data"]["entries"])
+
+    def start_busy(self, session_id: str, seconds: float, timeout: float) -> Callable[[float], httpx.Response]:
+        """Start an execute that sleeps ``seconds`` (its limit ``timeout``) in a thread, and wait until its
+        code runs; the function returned waits for its response."""
+        result: dict[str, httpx.Response] = {}
+        code = f"import time\nopen('busy', 'w').close()\ntime.sleep({seconds})"
+
+        def send() -> None:
+            result["response"] = self.post(code, session_id, timeout=timeout)
+
+        thread = threading.Thread(target=send)
+        thread.start()
+        wait_for(lambda: self.has_file(session_id, "busy"), 30, "the execute to be running")
+
+        def response(within: float) -> httpx.Response:
+            thread.join(within)
+            return result["response"]
+
+        return response
 
     def session_ids(self) -> set[str]:
         listed = self.http.get("/v1/tci/sessions")
@@ -197,25 +216,17 @@ def test_a_sandbox_that_stops_answering_mid_execute_ends_in_sandbox_lost(
     (container,) = [
         c for c in docker_client.containers.list(filters={"label": f"{labels.INSTANCE}={api.run_id}"}) if sid in c.name
     ]
-    result: dict[str, Any] = {}
-
-    def send() -> None:
-        result["response"] = api.post("import time\nopen('busy', 'w').close()\ntime.sleep(5)", sid, timeout=1)
-
-    thread = threading.Thread(target=send)
-    thread.start()
-    wait_for(lambda: api.has_file(sid, "busy"), 30, "the execute to be running")
+    response_of = api.start_busy(sid, 5, timeout=1)
     # Frozen mid-execute: no reply will come; the orchestrator gives up after the limit plus its slack.
     container.pause()
     try:
-        thread.join(120)
+        response = response_of(120)
     finally:
         # The orchestrator removes the container once it gives up on it; if not yet, let it go.
         with contextlib.suppress(docker.errors.NotFound):
             container.reload()
             if container.status == "paused":
                 container.unpause()
-    response = result["response"]
     assert response.status_code == 200, response.text
     data = response.json()["data"]
     assert data["outcome"] == "sandbox_lost"
@@ -292,17 +303,9 @@ def test_closed_standard_descriptors_come_back_at_the_next_cell(api: Api) -> Non
 
 def test_an_execute_whose_session_is_deleted_meanwhile_says_so(api: Api) -> None:
     sid = api.run("kept = 1")["session_id"]
-    result: dict[str, Any] = {}
-
-    def send() -> None:
-        result["response"] = api.post("import time\nopen('busy', 'w').close()\ntime.sleep(60)", sid, timeout=60)
-
-    thread = threading.Thread(target=send)
-    thread.start()
-    wait_for(lambda: api.has_file(sid, "busy"), 30, "the execute to be running")
+    response_of = api.start_busy(sid, 60, timeout=60)
     assert api.http.delete(f"/v1/tci/sessions/{sid}").status_code == 204
-    thread.join(60)
-    response = result["response"]
+    response = response_of(60)
     assert response.status_code == 200, response.text
     data = response.json()["data"]
     assert data["outcome"] == "sandbox_lost"
