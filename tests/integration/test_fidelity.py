@@ -135,7 +135,7 @@ Outputs = list[dict[str, Any]]
 UNORDERED = {"interleave"}
 # Cells whose order is a race in ipykernel alone: a child's output reaches that kernel through a thread
 # forwarding the pipe, and can land after what the cell printed next (seen once under CI load). The
-# interpreter must show the order the cell produced; Jupyter the same lines, in either order.
+# interpreter must show the order the cell produced; Jupyter the same text, in any order.
 CAUSAL = {"subprocess": "from child\nparent\n", "prints-then-child": "first\nsecond\nchild\n"}
 
 
@@ -255,6 +255,9 @@ def test_the_interpreter_shows_what_a_jupyter_kernel_shows(results: dict[str, An
         return
     if cell in CAUSAL:
         assert lean == [{"type": "stdout", "data": CAUSAL[cell]}]
-        assert sorted(_texts(jupyter, "stdout").splitlines()) == sorted(CAUSAL[cell].splitlines()), jupyter
+        # Jupyter shows the same text, in some order: its print and its fd capture travel through different
+        # threads, and under load the child's line can even land inside "parent\n" (print writes the
+        # newline apart), so only the characters are compared.
+        assert sorted(_texts(jupyter, "stdout")) == sorted(CAUSAL[cell]), jupyter
         return
     assert _mask(lean) == _mask(jupyter)
