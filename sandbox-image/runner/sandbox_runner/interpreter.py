@@ -127,8 +127,7 @@ def _send_error(shell: Any, exc: BaseException) -> None:
         evalue, stb = "", []
     finally:
         sys.setrecursionlimit(limit)
-    shell.capture.send({"type": "error", "ename": type(exc).__name__, "evalue": evalue, "traceback": stb})
-    shell.error_sent = True
+    shell.send_error(type(exc).__name__, evalue, stb)
 
 
 if __name__ == "__main__":

@@ -134,8 +134,12 @@ class LeanShell(InteractiveShell):
     error_sent = False
 
     def _showtraceback(self, etype: type[BaseException], evalue: BaseException, stb: list[str]) -> None:
-        self.capture.send({"type": "error", "ename": etype.__name__, "evalue": str(evalue), "traceback": stb})
+        self.send_error(etype.__name__, str(evalue), stb)
         self._last_traceback = stb
+
+    def send_error(self, ename: str, evalue: str, stb: list[str]) -> None:
+        """Send the running cell's ``error`` output."""
+        self.capture.send({"type": "error", "ename": ename, "evalue": evalue, "traceback": stb})
         self.error_sent = True
 
     def system_piped(self, cmd: str) -> None:
