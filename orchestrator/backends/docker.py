@@ -436,12 +436,12 @@ class DockerBackend:
             before = time.time()
             system_time = str(self.client.api.info().get("SystemTime", ""))
             after = time.time()
+            ours = (before + after) / 2
             try:
                 # Nanoseconds are more than datetime takes; microseconds are plenty here.
-                engine = datetime.fromisoformat(re.sub(r"(\.\d{6})\d*", r"\1", system_time)).timestamp()
+                offset = datetime.fromisoformat(re.sub(r"(\.\d{6})\d*", r"\1", system_time)).timestamp() - ours
             except ValueError:
-                engine = (before + after) / 2
-            offset = engine - (before + after) / 2
+                offset = 0.0
             self._offset = offset if abs(offset) > max(after - before, _OFFSET_NOISE_SECONDS) else 0.0
             self._offset_read_at = now
         return self._offset
