@@ -151,7 +151,8 @@ class WarmPool:
         began = time.monotonic()
         sandbox: SandboxInfo | None = None
         try:
-            # Cancelled (a shutdown mid-fill), the sandbox stays for the next start to adopt or reap.
+            # Cancelled (a shutdown mid-fill): the backend removes a sandbox it had not started yet;
+            # a started one stays for the next start to adopt or reap.
             sandbox = await self._backend.create(None)
             client = await ready_client(self._backend, sandbox, self._settings.runner_ready_timeout_seconds)
         except (OrchestratorError, RunnerRefused) as exc:

@@ -261,9 +261,14 @@ class DockerBackend:
         )
         if current is not None:
             config["image"] = current.image_id
+        creating = asyncio.ensure_future(self._call(self._create_container, config, claimed=claim is not None))
         try:
-            container = await self._call(self._create_container, config, claimed=claim is not None)
+            container = await asyncio.shield(creating)
         except BaseException:
+            # Cancelled (a shutdown mid-fill), we stop waiting but the engine call goes on in its
+            # thread: what it makes would stay behind in state Created, owned by no one.
+            with contextlib.suppress(Exception):
+                await self.destroy((await creating).id)
             if self._sockets is not None and key is not None:
                 await self._sockets.close(key)
             raise

@@ -207,13 +207,17 @@ class KubernetesBackend:
             claim=claim,
             test_run=self._settings.test_run_label,
         )
-        with _api_errors("creating a sandbox pod"):
-            created = await _json(self._core.create_namespaced_pod(self._namespace, manifest, _preload_content=False))
+        created: dict[str, Any] | None = None
         try:
+            with _api_errors("creating a sandbox pod"):
+                request = self._core.create_namespaced_pod(self._namespace, manifest, _preload_content=False)
+                created = await _json(request)
             await self._until_running(name, created["metadata"]["resourceVersion"])
-        except BaseException:
-            with contextlib.suppress(BackendUnavailable):
-                await self.destroy(name)
+        except BaseException as exc:
+            # Cancelled while the create request was out, the pod may exist all the same.
+            if created is not None or isinstance(exc, asyncio.CancelledError):
+                with contextlib.suppress(BackendUnavailable):
+                    await self.destroy(name)
             raise
         log.info("sandbox_created", sandbox=name, claimed=claim is not None)
         return SandboxInfo(sandbox_id=name, name=name, running=True, created_at=now, profile=self._profile, claim=claim)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -507,6 +508,48 @@ async def test_docker_a_claim_that_cannot_be_checked_leaves_a_sandbox_no_pool_ta
         assert not listed.pristine
         assert listed.running
     finally:
+        for sandbox in await backend.list():
+            await backend.destroy(sandbox.sandbox_id)
+        await backend.close()
+
+
+@pytest.mark.docker
+async def test_docker_a_create_cancelled_while_the_engine_creates_leaves_nothing(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shutdown cancels a pool fill mid-create; the engine call goes on in its worker thread and
+    used to leave a container in state Created behind, owned by no one."""
+    platform = _docker(request)
+    backend = platform.backend()
+    await backend.start()
+    entered, release, returned = threading.Event(), threading.Event(), threading.Event()
+    try:
+        assert isinstance(backend, DockerBackend)
+        create_container = backend._create_container
+
+        def held(config: dict[str, Any], *, claimed: bool) -> Any:
+            entered.set()
+            release.wait(20)
+            try:
+                return create_container(config, claimed=claimed)
+            finally:
+                returned.set()
+
+        monkeypatch.setattr(backend, "_create_container", held)
+        creating = asyncio.create_task(backend.create(None))
+
+        async def seen(event: threading.Event) -> bool:
+            return event.is_set()
+
+        await _eventually(lambda: seen(entered), "the engine call to begin")
+        creating.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await creating
+        await _eventually(lambda: seen(returned), "the engine call to return")
+        assert await backend.list() == []
+    finally:
+        release.set()
         for sandbox in await backend.list():
             await backend.destroy(sandbox.sandbox_id)
         await backend.close()
