@@ -5,6 +5,8 @@ directory, each sandbox gets ``index.sock``; the runner relays pip's HTTP from `
 inside the sandbox to it. This gate answers there. It lets through exactly ``GET``/``HEAD`` of
 ``/simple/<project>/`` and of the files those pages link to, forwards them to the package cache
 (``package_cache.py``, which alone talks to the upstream index), and counts each session's bytes.
+Index pages pip asks for reach it trimmed to the files its interpreter could install
+(``index_pages.py``).
 Everything else is refused with a status whose reason phrase says why: pip prints it.
 
 Which session a request belongs to is the socket it arrived on, as for the runner channel: code
@@ -25,6 +27,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from . import index_pages
 from .settings import MiB, PackageSettings
 
 log = structlog.get_logger(__name__)
@@ -45,6 +48,8 @@ _PATH = re.compile(
 # Response headers worth passing on; hop-by-hop ones and the cache's own are dropped.
 _PASS_HEADERS: Final = ("Content-Type", "Content-Length", "Content-Encoding", "ETag", "Last-Modified", "Vary")
 _CHUNK: Final = 64 * 1024
+# Index pages up to this size are read whole to be trimmed (PyPI's largest are a few MiB).
+_MAX_PAGE_BYTES: Final = 64 * MiB
 
 
 def cache_path(method: str, raw_path: str) -> str | None:
@@ -70,6 +75,25 @@ class _Budget:
 def _refuse(status: int, reason: str) -> web.Response:
     # pip reports a file download's failure as "<status> Client Error: <reason> for url: …".
     return web.Response(status=status, reason=reason, text=reason + "\n")
+
+
+def _over_budget(limit: int) -> web.Response:
+    return _refuse(403, f"this download would exceed the session's limit of {limit // MiB} MiB")
+
+
+def _is_page(request: web.Request, path: str) -> bool:
+    return request.method == "GET" and path.endswith("/")
+
+
+def _trimmable(upstream: aiohttp.ClientResponse) -> bool:
+    """Whether the cache's answer is a JSON index page ``index_pages`` can trim."""
+    return (
+        upstream.status == 200
+        and upstream.content_type == index_pages.MEDIA_TYPE
+        and "Content-Encoding" not in upstream.headers
+        and upstream.content_length is not None
+        and upstream.content_length <= _MAX_PAGE_BYTES
+    )
 
 
 class IndexGate:
@@ -149,7 +173,10 @@ class IndexGate:
 
     async def _forward(self, request: web.Request, path: str, budget: _Budget) -> web.StreamResponse:
         assert self._client is not None
+        page_for = index_pages.interpreter_of(request.headers.get("User-Agent")) if _is_page(request, path) else None
         headers = {name: request.headers[name] for name in ("Accept", "Accept-Encoding") if name in request.headers}
+        if page_for is not None:
+            headers["Accept-Encoding"] = "identity"  # to trim it; the cache is near
         limit = self._settings.max_download_bytes
         response: web.StreamResponse | None = None
         try:
@@ -162,7 +189,9 @@ class IndexGate:
                     return _refuse(502, "the package cache could not fetch this file from the upstream index")
                 length = upstream.content_length
                 if length is not None and budget.used + length > limit:
-                    return _refuse(403, f"this download would exceed the session's limit of {limit // MiB} MiB")
+                    return _over_budget(limit)
+                if page_for is not None and _trimmable(upstream):
+                    return await self._page(upstream, page_for, budget)
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 for name in _PASS_HEADERS:
                     if name in upstream.headers:
@@ -184,3 +213,24 @@ class IndexGate:
         if request.transport is not None:
             request.transport.close()
         return response
+
+    async def _page(
+        self, upstream: aiohttp.ClientResponse, interpreter: index_pages.Interpreter, budget: _Budget
+    ) -> web.Response:
+        """An index page, read whole and passed on trimmed to what the asking pip could install."""
+        page = await upstream.read()
+        # A large page takes tens of milliseconds to parse: not on the loop every execute runs on.
+        trimmed = await asyncio.to_thread(index_pages.trim, page, interpreter)
+        body = page if trimmed is None else trimmed
+        limit = self._settings.max_download_bytes
+        if budget.used + len(body) > limit:
+            return _over_budget(limit)
+        budget.used += len(body)
+        dropped = {"Content-Length"} if trimmed is None else {"Content-Length", "ETag"}
+        headers = {name: upstream.headers[name] for name in _PASS_HEADERS if name in upstream.headers}
+        return web.Response(
+            status=upstream.status,
+            reason=upstream.reason,
+            body=body,
+            headers={name: value for name, value in headers.items() if name not in dropped},
+        )

@@ -102,6 +102,37 @@ def test_install_pure_and_compiled_packages(api: TestClient) -> None:
     assert "\x1b[" not in stdout
 
 
+TRIM_CHECK = """
+import json, urllib.request
+from pip._internal.network.session import user_agent
+from pip._vendor.packaging.tags import sys_tags
+from pip._vendor.packaging.utils import parse_wheel_filename
+
+def files(agent):
+    headers = {"Accept": "application/vnd.pypi.simple.v1+json", "User-Agent": agent}
+    request = urllib.request.Request("http://127.0.0.1:3141/simple/ujson/", headers=headers)
+    return [entry["filename"] for entry in json.load(urllib.request.urlopen(request))["files"]]
+
+whole, trimmed = files("curl/8"), files(user_agent())
+tags = set(sys_tags())
+fits = [n for n in whole if n.endswith(".whl") and not parse_wheel_filename(n)[3].isdisjoint(tags)]
+print(json.dumps({
+    "whole": len(whole), "trimmed": len(trimmed), "subset": set(trimmed) <= set(whole),
+    "missing": [n for n in fits if n not in trimmed],
+    "sdists": [n for n in whole if n.endswith(".tar.gz") and n not in trimmed],
+    "misfits": [n for n in trimmed if n.endswith(".whl") and n not in fits],
+}))
+"""
+
+
+def test_index_pages_reach_pip_trimmed_to_what_this_sandbox_can_install(api: TestClient) -> None:
+    # Checked against pip's own tags inside the sandbox: nothing it could install is missing.
+    found = json.loads(text_of(execute(api, TRIM_CHECK), "stdout"))
+    assert found["subset"], found
+    assert found["missing"] == found["sdists"] == found["misfits"] == [], found
+    assert found["trimmed"] < found["whole"] / 4, found
+
+
 def test_two_sessions_installing_at_once_both_succeed(api: TestClient) -> None:
     # The two other ways in: IPython's %pip, and pip as a subprocess of the user's code.
     magic = "%pip install termcolor tabulate\nimport termcolor, tabulate\nprint('imported')"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import shutil
 import stat
 import tempfile
@@ -12,15 +14,22 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from orchestrator.backends.channel import SocketChannels
 from orchestrator.backends.docker_spec import container_config, pip_environment
 from orchestrator.index_gate import DISABLED_INDEX_URL, SANDBOX_INDEX_URL, SOCKET_NAME, IndexGate, cache_path
+from orchestrator.index_pages import MEDIA_TYPE
 from orchestrator.settings import MiB, PackageSettings, SandboxSettings
 
 pytestmark = pytest.mark.anyio
 
 WHEEL = "tabulate-0.10.0-py3-none-any.whl"
+UJSON_PAGE = json.dumps({"meta": {"api-version": "1.0"}, "name": "ujson", "files": [
+    {"filename": name, "url": name, "hashes": {"sha256": "00"}}
+    for name in ("ujson-5.10.0.tar.gz", "ujson-5.10.0-cp311-cp311-manylinux_2_17_x86_64.whl",
+                 "ujson-5.10.0-cp311-cp311-win_amd64.whl")
+]}).encode()  # fmt: skip
 
 
 @pytest.fixture
@@ -84,7 +93,16 @@ class StandIn:
         app.router.add_get(f"/index/tabulate/{WHEEL}", self.file)
         app.router.add_get("/index/moved/", self.moved)
         app.router.add_get("/index/slow/", self.slow)
+        app.router.add_get("/index/ujson/", self.json_page)
         return app
+
+    async def json_page(self, request: web.Request) -> web.Response:
+        headers = {"ETag": '"whole"'}
+        if "gzip" not in request.headers.get("Accept-Encoding", ""):
+            return web.Response(body=UJSON_PAGE, content_type=MEDIA_TYPE, headers=headers)
+        # As proxpi does when asked.
+        headers["Content-Encoding"] = "gzip"
+        return web.Response(body=gzip.compress(UJSON_PAGE), content_type=MEDIA_TYPE, headers=headers)
 
     async def page(self, request: web.Request) -> web.Response:
         self.requests.append(request.path)
@@ -136,12 +154,21 @@ async def gate_for(cache_url: str, root: Path, **settings: float) -> tuple[Index
     return gate, SocketChannels(root, "inst", max_frame_bytes=MiB, gate=gate)
 
 
-async def get(socket: Path, path: str, method: str = "GET") -> tuple[int, str, bytes]:
+async def get(
+    socket: Path, path: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, str, bytes]:
+    status, reason, _, body = await fetch(socket, path, method, headers)
+    return status, reason, body
+
+
+async def fetch(
+    socket: Path, path: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, str, CIMultiDict[str], bytes]:
     async with (
         aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket))) as client,
-        client.request(method, f"http://sandbox{path}") as response,
+        client.request(method, f"http://sandbox{path}", headers=headers) as response,
     ):
-        return response.status, response.reason or "", await response.read()
+        return response.status, response.reason or "", CIMultiDict(response.headers), await response.read()
 
 
 async def test_index_pages_and_files_pass_through_the_sandbox_socket(cache: tuple[StandIn, str], root: Path) -> None:
@@ -215,3 +242,32 @@ async def test_redirects_timeouts_and_a_missing_cache_are_clear_errors(cache: tu
         for c, g in ((channels, gate), (dead_channels, dead_gate)):
             await c.close_all()
             await g.close()
+
+
+async def test_a_pip_gets_index_pages_trimmed_to_what_it_could_install(cache: tuple[StandIn, str], root: Path) -> None:
+    _, url = cache
+    gate, channels = await gate_for(url, root)
+    try:
+        socket = (await channels.open("k")) / SOCKET_NAME
+        interpreter = json.dumps({
+            "cpu": "x86_64",
+            "distro": {"libc": {"lib": "glibc", "version": "2.36"}},
+            "implementation": {"name": "CPython", "version": "3.11.2"},
+        })  # fmt: skip
+        pip = {"User-Agent": f"pip/26.3 {interpreter}", "Accept": MEDIA_TYPE, "Accept-Encoding": "gzip, deflate"}
+        status, _, headers, body = await fetch(socket, "/simple/ujson/", headers=pip)
+        assert status == 200
+        assert [f["filename"] for f in json.loads(body)["files"]] == [
+            "ujson-5.10.0.tar.gz",
+            "ujson-5.10.0-cp311-cp311-manylinux_2_17_x86_64.whl",
+        ]
+        assert headers["Content-Type"] == MEDIA_TYPE
+        assert int(headers["Content-Length"]) == len(body)
+        assert "ETag" not in headers  # it named the whole page
+        # Anything but a pip that names its interpreter gets the page as the cache sent it.
+        other = {"Accept": MEDIA_TYPE, "Accept-Encoding": "gzip"}
+        status, _, headers, body = await fetch(socket, "/simple/ujson/", headers=other)
+        assert (status, body, headers["ETag"], headers["Content-Encoding"]) == (200, UJSON_PAGE, '"whole"', "gzip")
+    finally:
+        await channels.close_all()
+        await gate.close()

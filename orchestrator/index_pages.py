@@ -1,0 +1,117 @@
+"""Index pages trimmed to the files the asking pip could install.
+
+pip reads every file a project's index page lists and checks each one against its interpreter's
+tags: ujson's page lists 1,504 files, of which 60 could install in a sandbox, and reading and
+checking the rest is most of what a cached install costs beyond pip's own start-up, install and
+conflict check (bench figure 8b). pip names its interpreter in its User-Agent. For a CPython pip
+on glibc Linux, the gate passes on a PEP 691 JSON page without the wheels that carry none of that
+interpreter's tags and without the files pip never installs (Windows installers, eggs); sdists and
+every other field stay. pip then chooses among exactly what it would have chosen among. Any other
+client, page or doubt gets the page as the cache sent it.
+
+What this gives up: ``pip download --platform … --python-version …`` for another platform sees
+only this sandbox's files (it would find none to download).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+from packaging.tags import Tag, compatible_tags, cpython_tags
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+
+MEDIA_TYPE: Final = "application/vnd.pypi.simple.v1+json"
+# The archives pip can install from besides wheels (pip's SUPPORTED_EXTENSIONS).
+_SDIST_SUFFIXES: Final = (
+    *(".zip", ".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz"),
+    *(".tar.xz", ".txz", ".tlz", ".tar.lz", ".tar.lzma"),
+)
+_ARCH = re.compile(r"[a-z0-9_]{1,32}")
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """What pip's User-Agent says about the interpreter it installs for."""
+
+    python: tuple[int, int]
+    glibc: tuple[int, int]
+    arch: str
+
+
+def interpreter_of(user_agent: str | None) -> Interpreter | None:
+    """The interpreter a CPython pip on glibc Linux runs on, else None (pure).
+
+    pip sends ``pip/<version> {json}``, with ``implementation``, ``cpu`` and ``distro.libc``.
+    """
+    if not user_agent or not user_agent.startswith("pip/"):
+        return None
+    try:
+        info = json.loads(user_agent.partition(" ")[2])
+        implementation, libc, arch = info["implementation"], info["distro"]["libc"], info["cpu"]
+        if implementation["name"] != "CPython" or libc["lib"] != "glibc" or not _ARCH.fullmatch(arch):
+            return None
+        python = _major_minor(implementation["version"])
+        glibc = _major_minor(libc["version"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    # Free-threaded builds (3.13t and later) have ABI tags the User-Agent does not tell apart.
+    if python[0] != 3 or python[1] >= 13 or glibc[0] != 2:
+        return None
+    return Interpreter(python, glibc, arch)
+
+
+def _major_minor(version: Any) -> tuple[int, int]:
+    major, minor = str(version).split(".")[:2]
+    return int(major), int(minor)
+
+
+@functools.lru_cache(maxsize=32)
+def supported_tags(interpreter: Interpreter) -> frozenset[Tag]:
+    """Every tag that interpreter's pip accepts, and a few more (pure).
+
+    As ``packaging.tags.sys_tags`` would compute it there, for a non-debug CPython: PEP 600's
+    ``manylinux_2_<minor>`` down from the interpreter's glibc, the three legacy aliases, then
+    ``linux_<arch>``. Extra tags only keep a file pip then skips; a missing one would hide a file.
+    """
+    arch = interpreter.arch
+    platforms = [f"manylinux_2_{minor}_{arch}" for minor in range(interpreter.glibc[1], -1, -1)]
+    platforms += [f"manylinux2014_{arch}", f"manylinux2010_{arch}", f"manylinux1_{arch}", f"linux_{arch}"]
+    major, minor = interpreter.python
+    abi = f"cp{major}{minor}"
+    return frozenset(cpython_tags(interpreter.python, [abi], platforms)) | frozenset(
+        compatible_tags(interpreter.python, abi, platforms)
+    )
+
+
+def installable(filename: object, tags: frozenset[Tag]) -> bool:
+    """False only for a file pip would certainly not install with ``tags`` (pure)."""
+    if not isinstance(filename, str):
+        return True
+    if filename.endswith(".whl"):
+        try:
+            wheel_tags = parse_wheel_filename(filename)[3]
+        except InvalidWheelFilename:
+            return True  # pip's own reading decides
+        return not wheel_tags.isdisjoint(tags)
+    return filename.endswith(_SDIST_SUFFIXES)
+
+
+def trim(page: bytes, interpreter: Interpreter) -> bytes | None:
+    """The JSON page without the files ``interpreter`` cannot install; None to pass it on as is (pure)."""
+    try:
+        data = json.loads(page)
+        files = data["files"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(files, list):
+        return None
+    tags = supported_tags(interpreter)
+    kept = [entry for entry in files if not isinstance(entry, dict) or installable(entry.get("filename"), tags)]
+    if len(kept) == len(files):
+        return None
+    data["files"] = kept
+    return json.dumps(data, separators=(",", ":")).encode()
