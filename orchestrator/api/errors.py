@@ -25,13 +25,24 @@ def _respond(exc: OrchestratorError) -> TCIJSONResponse:
     return TCIJSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
+_LONE_SURROGATE = (
+    " (a \\uD800-\\uDFFF escape must be one half of a surrogate pair: alone it is not a character,"
+    " and no Python source can hold it; send valid Unicode text)"
+)
+
+
 def _from_validation(exc: RequestValidationError) -> OrchestratorError:
     errors: list[dict[str, Any]] = list(exc.errors())
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
-        return InvalidRequest(f"request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+        message = f"request body is not valid JSON: {first.get('msg')}"
+        if "surrogate" in message or "hex escape" in message:
+            # The parser's words for "\ud800" alone, which e.g. Python's json.dumps writes for a str
+            # decoded with surrogateescape: say what it is and what to send instead.
+            message += _LONE_SURROGATE
+        return InvalidRequest(message, code="invalid_json")
     if loc == ["language"]:
         ctx = first.get("ctx")
         expected = ctx.get("expected", "'python'") if isinstance(ctx, dict) else "'python'"

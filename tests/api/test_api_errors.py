@@ -59,6 +59,16 @@ def test_malformed_json_is_400(app: App, victim: str, nothing_ran: NothingRan) -
     nothing_ran.check()
 
 
+@pytest.mark.parametrize("escape", ["\\ud800", "\\udc80x", "\\ud800\\ud800"], ids=["high", "low", "two-high"])
+def test_a_lone_surrogate_is_400_and_named(app: App, victim: str, nothing_ran: NothingRan, escape: str) -> None:
+    # What json.dumps writes for a str holding a surrogate (a filename decoded with surrogateescape).
+    text = json.dumps({"code": nothing_ran.code + "#", "language": "python", "session_id": victim})
+    response = post_raw(app, text.replace('#"', escape + '"', 1))
+    check_error(response, 400, "invalid_json")
+    assert "surrogate pair" in response.json()["error"]["message"]
+    nothing_ran.check()
+
+
 @pytest.mark.parametrize(
     ("make_body", "param"),
     [
