@@ -18,6 +18,7 @@ from typing import Any, Literal
 import structlog
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from .attempts import Attempts, Request
 from .backends.base import Backend, first_request, ready_client
 from .errors import (
     CallerGone,
@@ -150,6 +151,8 @@ class Session:
     """Why the session ended (expired, idle, lost, closed); set before its container is removed."""
     listed: bool = True
     """False for sessions another surface holds by handle: not listed, not reachable by id."""
+    attempts: Attempts = field(default_factory=Attempts)
+    """Its latest execute, for a retry of it (``attempts.py``)."""
 
     @property
     def session_id(self) -> str:
@@ -459,8 +462,14 @@ class SessionManager:
         return Session(claim=claim, sandbox=sandbox, client=client)
 
     async def _run(self, session: Session, job: _Job, *, fresh: bool = False) -> ExecuteResult:
+        request = Request(job.code, job.files, job.timeout)
+        # A stream's client is told of each output: it is never answered with another attempt's result.
+        gone = job.gone if job.watcher is None else None
+        if (earlier := await session.attempts.earlier(request, gone)) is not None:
+            return await earlier
         async with self._turn(session, fresh=fresh):
-            return await self._send(session, job, await job.budget())
+            timeout = await job.budget()
+            return await session.attempts.run(request, gone, self._send(session, job, timeout))
 
     @contextlib.asynccontextmanager
     async def _turn(self, session: Session, *, fresh: bool) -> AsyncIterator[None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -104,3 +105,72 @@ def test_tenant_cap_refuses_new_sessions_with_429(tmp_path: Path) -> None:
         assert stdout_of(app.execute(KEY_A, "print(n)", session_id)) == "1\n"
         assert stdout_of(app.execute(KEY_B, "print('b')")) == "b\n"
         assert len(app.sandboxes()) == 2
+
+
+class _Retries:
+    """Executes sent to the session layer directly, each with a client that has or has not left."""
+
+    def __init__(self, app: App, key: str) -> None:
+        self.app = app
+        self.key = key
+        services = app.client.app_state["services"]
+        self.manager = services.manager
+        self.tenant = services.authenticator.tenant_for(f"Bearer {key}")
+        self.session_id = app.execute(key, "ran = []")["session_id"]
+
+    def send(self, code: str, gone: Callable[[], bool]) -> Any:
+        """Start an execute; its concurrent future."""
+
+        async def left() -> bool:
+            return gone()
+
+        call = functools.partial(self.manager.execute, self.tenant, self.session_id, code, None, 20.0, None, gone=left)
+        portal = self.app.client.portal
+        assert portal is not None
+        return portal.start_task_soon(call)
+
+    def started(self, name: str) -> bool:
+        path = f"/tci/sessions/{self.session_id}/files/{name}"
+        return self.app.client.get(path, headers=auth(self.key)).status_code == 200
+
+    def ran(self) -> str:
+        return stdout_of(self.app.execute(self.key, "print(ran)", self.session_id))
+
+
+def _slow(marker: str) -> str:
+    # Over a second: an answer that quick is taken as received without asking its client.
+    return f"ran.append(1)\nopen('{marker}', 'w').close()\nimport time\ntime.sleep(1.2)\nprint(len(ran))"
+
+
+def test_a_retry_of_an_execute_whose_client_left_waits_for_it_instead_of_running_again(
+    app: App, wait_until: Waiter
+) -> None:
+    retries = _Retries(app, "api-tests-retry-join")
+    left = threading.Event()
+    first = retries.send(_slow("a"), left.is_set)
+    wait_until(lambda: retries.started("a"), timeout=20, message="the first attempt to start")
+    left.set()  # its client timed out: the SDK sends the same code again
+    retry = retries.send(_slow("a"), lambda: False)
+    assert retry.result(timeout=30) is first.result(timeout=30)
+    assert retries.ran() == "[1]\n"
+
+
+def test_a_retry_after_the_abandoned_execute_ended_gets_its_result_once(app: App, wait_until: Waiter) -> None:
+    retries = _Retries(app, "api-tests-retry-replay")
+    first = retries.send(_slow("b"), lambda: True)  # its client is gone before it ends
+    answer = first.result(timeout=30)
+    assert retries.send(_slow("b"), lambda: False).result(timeout=30) is answer
+    assert retries.ran() == "[1]\n"
+    # Once: the same code sent again after that is a new request, and runs.
+    again = retries.send(_slow("b"), lambda: False).result(timeout=30)
+    assert again is not answer
+    assert retries.ran() == "[1, 1]\n"
+
+
+def test_the_same_code_sent_twice_by_clients_still_waiting_runs_twice(app: App, wait_until: Waiter) -> None:
+    retries = _Retries(app, "api-tests-retry-none")
+    first = retries.send(_slow("c"), lambda: False)
+    wait_until(lambda: retries.started("c"), timeout=20, message="the first attempt to start")
+    second = retries.send(_slow("c"), lambda: False)
+    assert first.result(timeout=30) is not second.result(timeout=30)
+    assert retries.ran() == "[1, 1]\n"

@@ -203,6 +203,16 @@ def test_an_execute_queued_past_the_clients_timeout_runs_once(sdk: SdkRunner, se
     assert result["hasty_seconds"] > 3, result
 
 
+def test_a_1x_retry_of_code_still_running_is_answered_with_its_result(sdk: SdkRunner, server: Server) -> None:
+    # The 1.x SDK says nothing of its timeout (3 s here): the 5 s code outlives it, the SDK sends the
+    # code again while it runs, and the retry must get the first attempt's answer instead of a second run.
+    result = sdk.run("v1", "running_retry", server.url + "/v1")
+    assert result["hasty"]["status"] == "success", result
+    assert [(o["type"], o["data"]) for o in result["hasty"]["outputs"]] == [("stdout", "1\n")], result
+    assert [(o["type"], o["data"]) for o in result["final"]["outputs"]] == [("stdout", "[1]\n")], result
+    assert result["hasty_seconds"] > 3, result  # the SDK did time out and send it again
+
+
 @pytest.mark.parametrize("base", base_params("base=v1"))
 def test_a_long_execute_ends_inside_the_2x_sdks_read_timeout(sdk: SdkRunner, server: Server, base: str) -> None:
     # The client waits 12 s (x-stainless-read-timeout: 12.0); the server keeps 5 s clear of it.

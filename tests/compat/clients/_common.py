@@ -121,6 +121,17 @@ def scenario_queued_retry(patient: Execute, hasty: Execute) -> dict[str, Any]:
     return {"hasty": queued, "hasty_seconds": hasty_seconds, "final": patient("print(ran)", session_id=session_id)}
 
 
+def scenario_running_retry(patient: Execute, hasty: Execute) -> dict[str, Any]:
+    """Code that runs longer than its client waits: the SDK sends it again while it still runs, and
+    the retry must be answered with the first attempt's result, not run it a second time."""
+    session_id = patient("ran = []")["session_id"]
+    began = time.monotonic()
+    code = f"import time\nran.append(1)\ntime.sleep({HASTY_TIMEOUT + 2})\nprint(len(ran))"
+    answer = hasty(code, session_id=session_id)
+    hasty_seconds = time.monotonic() - began
+    return {"hasty": answer, "hasty_seconds": hasty_seconds, "final": patient("print(ran)", session_id=session_id)}
+
+
 def run_scenario(name: str, execute: Execute, not_found_error: type[BaseException]) -> dict[str, Any]:
     """Run the scenario called ``name``; ``not_found_error`` is what this SDK raises for a 404."""
     if name == "notfound":

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from _common import HASTY_TIMEOUT, NAMES, emit, run_scenario, scenario_queued_retry
+from _common import HASTY_TIMEOUT, NAMES, emit, run_scenario, scenario_queued_retry, scenario_running_retry
 from together import Together
 from together.error import InvalidRequestError
 
@@ -33,7 +33,7 @@ requests.Session.request = _recording_request  # type: ignore[method-assign]
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=[*NAMES, "queued_retry"])
+    parser.add_argument("scenario", choices=[*NAMES, "queued_retry", "running_retry"])
     args = parser.parse_args()
     client = Together(api_key=os.environ["TOGETHER_API_KEY"], base_url=os.environ["TCI_BASE_URL"])
 
@@ -49,12 +49,13 @@ def main() -> None:
             "data_errors": response.data.errors,
         }
 
-    if args.scenario == "queued_retry":
+    if args.scenario in {"queued_retry", "running_retry"}:
         # 1.x sends no read timeout: the abandoned attempt is recognised by its closed connection.
         hasty = Together(
             api_key=os.environ["TOGETHER_API_KEY"], base_url=os.environ["TCI_BASE_URL"], timeout=HASTY_TIMEOUT
         )
-        result = scenario_queued_retry(execute, functools.partial(execute, via=hasty))
+        scenario = scenario_queued_retry if args.scenario == "queued_retry" else scenario_running_retry
+        result = scenario(execute, functools.partial(execute, via=hasty))
     else:
         result = run_scenario(args.scenario, execute, InvalidRequestError)
     result["requests"] = REQUESTS
