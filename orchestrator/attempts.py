@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from .errors import OrchestratorError
 from .models import ExecuteResult
 
 Gone = Callable[[], Awaitable[bool]]
@@ -68,17 +69,21 @@ class Attempts:
     async def earlier(self, request: Request, gone: Gone | None) -> Awaitable[ExecuteResult] | None:
         """The earlier attempt's result to answer this retry with, or None: run it."""
         last = self._last
-        if gone is None or last is None or not last.callers or last.request != request:
+        if gone is None or last is None or last.request != request:
             return None
         if last.ended_at is None:
-            if not await last.abandoned():
-                return None  # its client still waits: this is a second request, not a retry
-            last.callers.append(gone)
+            if not last.callers or not await last.abandoned():
+                return None  # its client still waits (or cannot tell): a second request, not a retry
+            last.callers = [gone]  # every earlier one has just been seen gone
             return asyncio.shield(last.result)
         if last.unreceived and time.monotonic() - last.ended_at <= REPLAY_SECONDS:
-            last.unreceived = False  # once
+            self._last = None  # once
             return last.result
         return None
+
+    def forget(self) -> None:
+        """Something else happened on the session (an interrupt, a file request): no retry follows."""
+        self._last = None
 
     async def run(self, request: Request, gone: Gone | None, work: Awaitable[ExecuteResult]) -> ExecuteResult:
         """Await ``work`` as this session's latest attempt."""
@@ -87,17 +92,30 @@ class Attempts:
         began = time.monotonic()
         try:
             result = await work
-        except Exception as exc:
-            attempt.ended_at = time.monotonic()
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled: a shutdown; a joined retry is not
+                exc = OrchestratorError("the execute this request retries was stopped; it may have partly run")
             attempt.result.set_exception(exc)
             attempt.result.exception()  # retrieved here: there may be no one else to
-            raise
-        except BaseException:
-            attempt.ended_at = time.monotonic()
-            attempt.result.cancel()
+            self._end(attempt)
             raise
         attempt.result.set_result(result)
         if attempt.callers and time.monotonic() - began >= _RECEIVED_UNDER:
             attempt.unreceived = await attempt.abandoned()
-        attempt.ended_at = time.monotonic()
+        self._end(attempt)
         return result
+
+    def _end(self, attempt: _Attempt) -> None:
+        attempt.ended_at = time.monotonic()
+        attempt.callers = []  # each holds its whole HTTP request
+        if self._last is not attempt:
+            return
+        if not attempt.unreceived:
+            self._last = None  # its answer reached a client: nothing to replay, nothing to keep
+            return
+        # Kept for a retry a little longer, not until the session's next execute.
+        asyncio.get_running_loop().call_later(REPLAY_SECONDS, self._drop, attempt)
+
+    def _drop(self, attempt: _Attempt) -> None:
+        if self._last is attempt:
+            self._last = None

@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -48,8 +50,11 @@ _PATH = re.compile(
 # Response headers worth passing on; hop-by-hop ones and the cache's own are dropped.
 _PASS_HEADERS: Final = ("Content-Type", "Content-Length", "Content-Encoding", "ETag", "Last-Modified", "Vary")
 _CHUNK: Final = 64 * 1024
-# Index pages up to this size are read whole to be trimmed (PyPI's largest are a few MiB).
-_MAX_PAGE_BYTES: Final = 64 * MiB
+# Index pages up to this size are read whole to be trimmed (numpy's is 1.1 MiB); larger ones pass
+# as they are: parsing holds the interpreter lock, whatever thread it runs on.
+_MAX_PAGE_BYTES: Final = 4 * MiB
+# Trimmed pages kept, so a sandbox asking for one page over and over costs one parse.
+_TRIMMED_KEPT_BYTES: Final = 32 * MiB
 
 
 def cache_path(method: str, raw_path: str) -> str | None:
@@ -106,6 +111,8 @@ class IndexGate:
         self._by_path: dict[str, str] = {}
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
+        self._trimmed: OrderedDict[tuple[str, int, int, index_pages.Interpreter], bytes | None] = OrderedDict()
+        self._trimmed_bytes = 0
 
     async def start(self) -> None:
         """Open the client and the (socketless) server the per-sandbox sites attach to."""
@@ -191,7 +198,7 @@ class IndexGate:
                 if length is not None and budget.used + length > limit:
                     return _over_budget(limit)
                 if page_for is not None and _trimmable(upstream):
-                    return await self._page(upstream, page_for, budget)
+                    return await self._page(path, upstream, page_for, budget)
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 for name in _PASS_HEADERS:
                     if name in upstream.headers:
@@ -214,18 +221,31 @@ class IndexGate:
             request.transport.close()
         return response
 
+    async def _trim(self, path: str, page: bytes, interpreter: index_pages.Interpreter) -> bytes | None:
+        """``index_pages.trim``, remembered by page content and interpreter."""
+        key = (path, len(page), zlib.crc32(page), interpreter)
+        if key in self._trimmed:
+            self._trimmed.move_to_end(key)
+            return self._trimmed[key]
+        trimmed = await asyncio.to_thread(index_pages.trim, page, interpreter)
+        self._trimmed[key] = trimmed
+        self._trimmed_bytes += len(trimmed or b"")
+        while self._trimmed_bytes > _TRIMMED_KEPT_BYTES or len(self._trimmed) > 4096:
+            self._trimmed_bytes -= len(self._trimmed.popitem(last=False)[1] or b"")
+        return trimmed
+
     async def _page(
-        self, upstream: aiohttp.ClientResponse, interpreter: index_pages.Interpreter, budget: _Budget
+        self, path: str, upstream: aiohttp.ClientResponse, interpreter: index_pages.Interpreter, budget: _Budget
     ) -> web.Response:
         """An index page, read whole and passed on trimmed to what the asking pip could install."""
         page = await upstream.read()
-        # A large page takes tens of milliseconds to parse: not on the loop every execute runs on.
-        trimmed = await asyncio.to_thread(index_pages.trim, page, interpreter)
-        body = page if trimmed is None else trimmed
+        # The whole page counts against the session's budget: it is what the gate fetched for it.
         limit = self._settings.max_download_bytes
-        if budget.used + len(body) > limit:
+        if budget.used + len(page) > limit:
             return _over_budget(limit)
-        budget.used += len(body)
+        budget.used += len(page)
+        trimmed = await self._trim(path, page, interpreter)
+        body = page if trimmed is None else trimmed
         dropped = {"Content-Length"} if trimmed is None else {"Content-Length", "ETag"}
         headers = {name: upstream.headers[name] for name in _PASS_HEADERS if name in upstream.headers}
         return web.Response(

@@ -20,6 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import unquote, urlsplit
 
 from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
@@ -58,8 +59,9 @@ def interpreter_of(user_agent: str | None) -> Interpreter | None:
         glibc = _major_minor(libc["version"])
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    # Free-threaded builds (3.13t and later) have ABI tags the User-Agent does not tell apart.
-    if python[0] != 3 or python[1] >= 13 or glibc[0] != 2:
+    # Free-threaded builds (3.13t and later) have ABI tags the User-Agent does not tell apart, and
+    # CPython before 3.8 had ABI flags (cp37m) that are not generated here.
+    if python[0] != 3 or not 8 <= python[1] < 13 or glibc[0] != 2:
         return None
     return Interpreter(python, glibc, arch)
 
@@ -87,8 +89,11 @@ def supported_tags(interpreter: Interpreter) -> frozenset[Tag]:
     )
 
 
-def installable(filename: object, tags: frozenset[Tag]) -> bool:
-    """False only for a file pip would certainly not install with ``tags`` (pure)."""
+def installable(entry: dict[str, Any], tags: frozenset[Tag]) -> bool:
+    """False only for a page entry pip would certainly not install with ``tags`` (pure)."""
+    # pip names the file after its URL; ``filename`` is the same on PyPI, but the URL decides.
+    url = entry.get("url")
+    filename = unquote(urlsplit(url).path.rpartition("/")[2]) if isinstance(url, str) else entry.get("filename")
     if not isinstance(filename, str):
         return True
     if filename.endswith(".whl"):
@@ -105,12 +110,12 @@ def trim(page: bytes, interpreter: Interpreter) -> bytes | None:
     try:
         data = json.loads(page)
         files = data["files"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
     if not isinstance(files, list):
         return None
     tags = supported_tags(interpreter)
-    kept = [entry for entry in files if not isinstance(entry, dict) or installable(entry.get("filename"), tags)]
+    kept = [entry for entry in files if not isinstance(entry, dict) or installable(entry, tags)]
     if len(kept) == len(files):
         return None
     data["files"] = kept

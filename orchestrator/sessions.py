@@ -328,13 +328,18 @@ class SessionManager:
         """End a session now (the ``DELETE`` extension)."""
         await self._end(self._lookup(tenant, session_id), "closed")
 
-    async def runner(self, tenant: str, session_id: str) -> RunnerClient:
+    async def runner(self, tenant: str, session_id: str, *, reading: bool = False) -> RunnerClient:
         """The channel to the caller's session, for requests that run beside an execute (files, interrupt).
+
+        Anything but ``reading`` (an interrupt, a file written or deleted) means the same code sent
+        again next is a new request, not a retry of the session's latest execute.
 
         Raises:
             SessionNotFound: unknown, expired or another tenant's session, or its sandbox is lost.
         """
         session = self._lookup(tenant, session_id)
+        if not reading:
+            session.attempts.forget()
         if session.client.closed and not session.lock.locked():
             await self._reconnect(session)
         return session.client

@@ -87,7 +87,7 @@ class SessionFiles:
 
     async def list(self, tenant: str, session_id: str, path: str) -> Listing:
         """Entries of one directory (``""`` is the working directory)."""
-        client = await self._manager.runner(tenant, session_id)
+        client = await self._manager.runner(tenant, session_id, reading=True)
         raw = await _call(client, "list_files", {"path": path})
         try:
             return Listing.model_validate(raw)
@@ -96,7 +96,7 @@ class SessionFiles:
 
     async def read(self, tenant: str, session_id: str, path: str) -> Download:
         """Open a download; refusals (missing, not a regular file, over the limit) raise here."""
-        client = await self._manager.runner(tenant, session_id)
+        client = await self._manager.runner(tenant, session_id, reading=True)
         first, data = await self._chunk(client, path, 0)
 
         async def chunks() -> AsyncIterator[bytes]:

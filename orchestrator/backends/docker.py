@@ -266,17 +266,24 @@ class DockerBackend:
             container = await asyncio.shield(creating)
         except BaseException:
             # Cancelled (a shutdown mid-fill), we stop waiting but the engine call goes on in its
-            # thread: what it makes would stay behind in state Created, owned by no one.
-            with contextlib.suppress(Exception):
-                await self.destroy((await creating).id)
-            if self._sockets is not None and key is not None:
-                await self._sockets.close(key)
+            # thread: what it makes would stay behind in state Created, owned by no one. The clean-up
+            # is a task of its own, so a second cancel cannot cut it short either.
+            await asyncio.shield(asyncio.ensure_future(self._discard(creating, key)))
             raise
         if key is not None:
             self._channel_keys[container.id] = key
         return SandboxInfo(
             sandbox_id=container.id, name=name, running=False, created_at=now, profile=self._profile, claim=claim
         )
+
+    async def _discard(self, creating: asyncio.Future[Any], key: str | None) -> None:
+        """Remove what a create that failed or was cancelled made, once its engine call has returned."""
+        try:
+            with contextlib.suppress(Exception):  # it failed: nothing was made
+                await self.destroy((await creating).id)
+        finally:
+            if self._sockets is not None and key is not None:
+                await self._sockets.close(key)
 
     def _create_container(self, config: dict[str, Any], *, claimed: bool) -> Any:
         """``containers.create``; a claimed name still held by an earlier attempt is freed first.

@@ -207,20 +207,27 @@ class KubernetesBackend:
             claim=claim,
             test_run=self._settings.test_run_label,
         )
-        created: dict[str, Any] | None = None
+        request = self._core.create_namespaced_pod(self._namespace, manifest, _preload_content=False)
+        creating = asyncio.ensure_future(_json(request))
         try:
             with _api_errors("creating a sandbox pod"):
-                request = self._core.create_namespaced_pod(self._namespace, manifest, _preload_content=False)
-                created = await _json(request)
+                # Shielded: a create cancelled while its request is out may still make the pod, and a
+                # delete sent before the API server has seen the create would miss it.
+                created = await asyncio.shield(creating)
             await self._until_running(name, created["metadata"]["resourceVersion"])
-        except BaseException as exc:
-            # Cancelled while the create request was out, the pod may exist all the same.
-            if created is not None or isinstance(exc, asyncio.CancelledError):
-                with contextlib.suppress(BackendUnavailable):
-                    await self.destroy(name)
+        except BaseException:
+            await asyncio.shield(asyncio.ensure_future(self._discard(creating, name)))
             raise
         log.info("sandbox_created", sandbox=name, claimed=claim is not None)
         return SandboxInfo(sandbox_id=name, name=name, running=True, created_at=now, profile=self._profile, claim=claim)
+
+    async def _discard(self, creating: asyncio.Future[dict[str, Any]], name: str) -> None:
+        """Delete the pod a create that failed or was cancelled may have made, once its request is answered."""
+        await asyncio.wait({creating})
+        if creating.cancelled() or not isinstance(creating.exception(), ApiException):
+            # Made, or no answer to say it was not (a broken connection, a timeout).
+            with contextlib.suppress(BackendUnavailable):
+                await self.destroy(name)
 
     async def _until_running(self, name: str, version: str) -> None:
         """Watch one pod from ``version`` until its container runs; fail on an end or a missing image."""

@@ -174,3 +174,19 @@ def test_the_same_code_sent_twice_by_clients_still_waiting_runs_twice(app: App, 
     second = retries.send(_slow("c"), lambda: False)
     assert first.result(timeout=30) is not second.result(timeout=30)
     assert retries.ran() == "[1, 1]\n"
+
+
+def test_the_same_code_after_an_interrupt_is_a_new_request(app: App, wait_until: Waiter) -> None:
+    retries = _Retries(app, "api-tests-retry-interrupt")
+    left = threading.Event()
+    # The marker comes after more than a second of running: an answer so late could have gone unread.
+    code = "import time\nran.append(1)\ntime.sleep(1.1)\nopen('d', 'w').close()\ntime.sleep(30 if len(ran) == 1 else 0)"
+    first = retries.send(code, left.is_set)
+    wait_until(lambda: retries.started("d"), timeout=20, message="the first attempt to start")
+    left.set()
+    path = f"/tci/sessions/{retries.session_id}/interrupt"
+    assert app.client.post(path, headers=auth(retries.key)).json()["data"]["interrupted"] is True
+    assert first.result(timeout=30).outcome == "interrupted"
+    again = retries.send(code, lambda: False).result(timeout=30)
+    assert again.outcome == "ok"
+    assert retries.ran() == "[1, 1]\n"

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from orchestrator import index_pages
 from orchestrator.backends.channel import SocketChannels
 from orchestrator.backends.docker_spec import container_config, pip_environment
 from orchestrator.index_gate import DISABLED_INDEX_URL, SANDBOX_INDEX_URL, SOCKET_NAME, IndexGate, cache_path
@@ -244,7 +245,9 @@ async def test_redirects_timeouts_and_a_missing_cache_are_clear_errors(cache: tu
             await g.close()
 
 
-async def test_a_pip_gets_index_pages_trimmed_to_what_it_could_install(cache: tuple[StandIn, str], root: Path) -> None:
+async def test_a_pip_gets_index_pages_trimmed_to_what_it_could_install(
+    cache: tuple[StandIn, str], root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, url = cache
     gate, channels = await gate_for(url, root)
     try:
@@ -265,6 +268,12 @@ async def test_a_pip_gets_index_pages_trimmed_to_what_it_could_install(cache: tu
         assert int(headers["Content-Length"]) == len(body)
         assert "ETag" not in headers  # it named the whole page
         # Anything but a pip that names its interpreter gets the page as the cache sent it.
+        # The same page again is not parsed again.
+        parsed: list[bytes] = []
+        trim = index_pages.trim
+        monkeypatch.setattr(index_pages, "trim", lambda page, who: parsed.append(page) or trim(page, who))
+        assert (await fetch(socket, "/simple/ujson/", headers=pip))[3] == body
+        assert parsed == []
         other = {"Accept": MEDIA_TYPE, "Accept-Encoding": "gzip"}
         status, _, headers, body = await fetch(socket, "/simple/ujson/", headers=other)
         assert (status, body, headers["ETag"], headers["Content-Encoding"]) == (200, UJSON_PAGE, '"whole"', "gzip")

@@ -60,7 +60,11 @@ def test_the_sandbox_pip_is_recognised_and_nothing_else() -> None:
     pypy = SANDBOX_PIP.replace('"name":"CPython"', '"name":"PyPy"')
     musl = SANDBOX_PIP.replace('"lib":"glibc"', '"lib":"musl"')
     free_threaded_era = SANDBOX_PIP.replace('"version":"3.11.2"', '"version":"3.13.0"')
-    for user_agent in (None, "", "curl/8.5", "pip/26.3", "pip/26.3 {", "pip/26.3 []", pypy, musl, free_threaded_era):
+    abi_flags_era = SANDBOX_PIP.replace('"version":"3.11.2"', '"version":"3.7.9"')
+    for user_agent in (
+        *(None, "", "curl/8.5", "pip/26.3", "pip/26.3 {", "pip/26.3 []"),
+        *(pypy, musl, free_threaded_era, abi_flags_era),
+    ):
         assert interpreter_of(user_agent) is None, user_agent
     no_libc = json.loads(SANDBOX_PIP.partition(" ")[2])
     del no_libc["distro"]["libc"]
@@ -81,8 +85,21 @@ def test_a_page_keeps_exactly_what_the_sandbox_could_install_and_every_field() -
 
 def test_a_page_with_nothing_to_drop_or_unreadable_passes_as_is() -> None:
     assert trim(_page(KEPT), SANDBOX) is None
-    for page in (b"<html></html>", b"{}", b'{"files": 3}', b"\xff"):
+    deep = b'{"files": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}"
+    for page in (b"<html></html>", b"{}", b'{"files": 3}', b"\xff", deep):
         assert trim(page, SANDBOX) is None
+
+
+def test_the_url_names_the_file_as_pip_reads_it() -> None:
+    wheel = "ujson-5.10.0-cp311-cp311-manylinux_2_17_x86_64.whl"
+    windows = "ujson-5.10.0-cp311-cp311-win_amd64.whl"
+    files = [
+        {"filename": wheel, "url": f"../../packages/ab/cd/{windows}#sha256=00"},
+        {"filename": windows, "url": f"https://files.example/packages/{wheel.replace('+', '%2B')}?x=1"},
+    ]
+    trimmed = trim(json.dumps({"files": files}).encode(), SANDBOX)
+    assert trimmed is not None
+    assert json.loads(trimmed)["files"] == files[1:]
 
 
 @pytest.mark.skipif(
