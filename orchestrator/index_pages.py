@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
@@ -31,7 +30,10 @@ _SDIST_SUFFIXES: Final = (
     *(".zip", ".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz"),
     *(".tar.xz", ".txz", ".tlz", ".tar.lz", ".tar.lzma"),
 )
-_ARCH = re.compile(r"[a-z0-9_]{1,32}")
+# What a sandbox's pip may claim to run on. The User-Agent is the sandbox's own to write: anything
+# else gets the page as is (a glibc of 2.150000 would otherwise build 150,000 tags per request).
+_ARCHES: Final = frozenset({"x86_64", "aarch64", "i686", "armv7l", "ppc64le", "ppc64", "s390x", "riscv64"})
+_MAX_GLIBC_MINOR: Final = 99
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def interpreter_of(user_agent: str | None) -> Interpreter | None:
     try:
         info = json.loads(user_agent.partition(" ")[2])
         implementation, libc, arch = info["implementation"], info["distro"]["libc"], info["cpu"]
-        if implementation["name"] != "CPython" or libc["lib"] != "glibc" or not _ARCH.fullmatch(arch):
+        if implementation["name"] != "CPython" or libc["lib"] != "glibc" or arch not in _ARCHES:
             return None
         python = _major_minor(implementation["version"])
         glibc = _major_minor(libc["version"])
@@ -61,7 +63,7 @@ def interpreter_of(user_agent: str | None) -> Interpreter | None:
         return None
     # Free-threaded builds (3.13t and later) have ABI tags the User-Agent does not tell apart, and
     # CPython before 3.8 had ABI flags (cp37m) that are not generated here.
-    if python[0] != 3 or not 8 <= python[1] < 13 or glibc[0] != 2:
+    if python[0] != 3 or not 8 <= python[1] < 13 or glibc[0] != 2 or not 0 <= glibc[1] <= _MAX_GLIBC_MINOR:
         return None
     return Interpreter(python, glibc, arch)
 

@@ -61,9 +61,12 @@ def test_the_sandbox_pip_is_recognised_and_nothing_else() -> None:
     musl = SANDBOX_PIP.replace('"lib":"glibc"', '"lib":"musl"')
     free_threaded_era = SANDBOX_PIP.replace('"version":"3.11.2"', '"version":"3.13.0"')
     abi_flags_era = SANDBOX_PIP.replace('"version":"3.11.2"', '"version":"3.7.9"')
+    # Written by code in the sandbox: a huge glibc would cost the orchestrator a tag per minor version.
+    huge_glibc = SANDBOX_PIP.replace('"version":"2.36"', '"version":"2.150000"')
+    odd_cpu = SANDBOX_PIP.replace('"cpu":"x86_64"', '"cpu":"made_up_cpu"')
     for user_agent in (
         *(None, "", "curl/8.5", "pip/26.3", "pip/26.3 {", "pip/26.3 []"),
-        *(pypy, musl, free_threaded_era, abi_flags_era),
+        *(pypy, musl, free_threaded_era, abi_flags_era, huge_glibc, odd_cpu),
     ):
         assert interpreter_of(user_agent) is None, user_agent
     no_libc = json.loads(SANDBOX_PIP.partition(" ")[2])
