@@ -51,6 +51,8 @@ class _Attempt:
     callers: list[Gone] = field(default_factory=list)
     ended_at: float | None = None
     unreceived: bool = False
+    handed_out: bool = False
+    """A retry joined after the result was in: it has it, whatever the first caller did."""
 
     async def abandoned(self) -> bool:
         """Whether every client waiting for this attempt has gone."""
@@ -75,6 +77,9 @@ class Attempts:
             if not last.callers or not await last.abandoned():
                 return None  # its client still waits (or cannot tell): a second request, not a retry
             last.callers = [gone]  # every earlier one has just been seen gone
+            last.handed_out = last.result.done()
+            if last.ended_at is not None and self._last is last:
+                self._last = None  # it ended while its callers were asked: handed out now, not again
             return asyncio.shield(last.result)
         if last.unreceived and time.monotonic() - last.ended_at <= REPLAY_SECONDS:
             self._last = None  # once
@@ -101,7 +106,7 @@ class Attempts:
             raise
         attempt.result.set_result(result)
         if attempt.callers and time.monotonic() - began >= _RECEIVED_UNDER:
-            attempt.unreceived = await attempt.abandoned()
+            attempt.unreceived = await attempt.abandoned() and not attempt.handed_out
         self._end(attempt)
         return result
 

@@ -117,6 +117,14 @@ class _Job:
         # In tenths: the limit is quoted back in a timeout's message.
         return min(self.timeout, round(left, 1))
 
+    def request(self) -> Request:
+        return Request(self.code, self.files, self.timeout)
+
+    def watched(self) -> Callable[[], Awaitable[bool]] | None:
+        """How to tell that the caller left, for ``attempts``; a stream's caller is told of each
+        output, so it is never answered with another attempt's result."""
+        return self.gone if self.watcher is None else None
+
     def args(self, timeout: float) -> dict[str, Any]:
         args: dict[str, Any] = {"code": self.code, "timeout": timeout}
         if self.files:
@@ -193,6 +201,8 @@ class SessionManager:
         self._clock = clock
         self._sessions: dict[str, Session] = {}
         self._pending: Counter[str] = Counter()
+        # Per tenant, its latest execute that started a session (for a retry of it: ``attempts.py``).
+        self._fresh: dict[str, Attempts] = {}
         # Sandboxes created for a new session and still starting: not orphans, however long that takes.
         self._starting: set[str] = set()
         self._create_slots = asyncio.Semaphore(settings.max_concurrent_creates)
@@ -314,15 +324,23 @@ class SessionManager:
             SandboxFailure: no sandbox could be provided (nothing ran).
         """
         job = _Job(code, files, timeout, watcher, deadline, gone)
-        if session_id is None:
-            session = await self._new_session(tenant)
-            try:
-                return await self._run(session, job, fresh=True)
-            except OrchestratorError:
-                # The caller never learns this session's id; don't leave it running.
-                await self._end(session, "closed")
-                raise
-        return await self._run(self._lookup(tenant, session_id), job)
+        if session_id is not None:
+            return await self._run(self._lookup(tenant, session_id), job)
+        # A retry of a new-session execute whose client left is answered with that session's result.
+        request, watched = job.request(), job.watched()
+        fresh = self._fresh.setdefault(tenant, Attempts())
+        if (earlier := await fresh.earlier(request, watched)) is not None:
+            return await earlier
+        return await fresh.run(request, watched, self._run_new(tenant, job))
+
+    async def _run_new(self, tenant: str, job: _Job) -> ExecuteResult:
+        session = await self._new_session(tenant)
+        try:
+            return await self._run(session, job, fresh=True)
+        except OrchestratorError:
+            # The caller never learns this session's id; don't leave it running.
+            await self._end(session, "closed")
+            raise
 
     async def close(self, tenant: str, session_id: str) -> None:
         """End a session now (the ``DELETE`` extension)."""
@@ -467,14 +485,12 @@ class SessionManager:
         return Session(claim=claim, sandbox=sandbox, client=client)
 
     async def _run(self, session: Session, job: _Job, *, fresh: bool = False) -> ExecuteResult:
-        request = Request(job.code, job.files, job.timeout)
-        # A stream's client is told of each output: it is never answered with another attempt's result.
-        gone = job.gone if job.watcher is None else None
-        if (earlier := await session.attempts.earlier(request, gone)) is not None:
+        request, watched = job.request(), job.watched()
+        if (earlier := await session.attempts.earlier(request, watched)) is not None:
             return await earlier
         async with self._turn(session, fresh=fresh):
             timeout = await job.budget()
-            return await session.attempts.run(request, gone, self._send(session, job, timeout))
+            return await session.attempts.run(request, watched, self._send(session, job, timeout))
 
     @contextlib.asynccontextmanager
     async def _turn(self, session: Session, *, fresh: bool) -> AsyncIterator[None]:

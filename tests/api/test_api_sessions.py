@@ -190,3 +190,36 @@ def test_the_same_code_after_an_interrupt_is_a_new_request(app: App, wait_until:
     again = retries.send(code, lambda: False).result(timeout=30)
     assert again.outcome == "ok"
     assert retries.ran() == "[1, 1]\n"
+
+
+def test_a_retry_of_a_new_session_execute_whose_client_left_gets_that_session(app: App, wait_until: Waiter) -> None:
+    # Without a session id: the retry would otherwise start a second session and run the code there.
+    key = "api-tests-retry-fresh"
+    services = app.client.app_state["services"]
+    tenant = services.authenticator.tenant_for(f"Bearer {key}")
+    portal = app.client.portal
+    assert portal is not None
+    left = threading.Event()
+    code = "import time\nopen('e', 'w').close()\ntime.sleep(1.2)\nprint('done')"
+
+    def send(gone: Callable[[], bool]) -> Any:
+        async def asked() -> bool:
+            return gone()
+
+        return portal.start_task_soon(
+            functools.partial(services.manager.execute, tenant, None, code, None, 20.0, None, gone=asked)
+        )
+
+    first = send(left.is_set)
+
+    def started() -> bool:
+        # Raw: the session is listed (with no execute counted yet) while its first execute runs.
+        listed = app.client.get("/tci/sessions", headers=auth(key)).json()["data"]["sessions"]
+        path = f"/tci/sessions/{listed[0]['id']}/files/e" if listed else None
+        return path is not None and app.client.get(path, headers=auth(key)).status_code == 200
+
+    wait_until(started, timeout=20, message="the first attempt to start")
+    left.set()
+    retry = send(lambda: False)
+    assert retry.result(timeout=30) is first.result(timeout=30)
+    assert [s["id"] for s in app.sessions(key)] == [first.result().session_id]

@@ -213,6 +213,15 @@ def test_a_1x_retry_of_code_still_running_is_answered_with_its_result(sdk: SdkRu
     assert result["hasty_seconds"] > 3, result  # the SDK did time out and send it again
 
 
+def test_a_1x_retry_of_a_new_session_execute_gets_that_session(sdk: SdkRunner, server: Server) -> None:
+    # Without a session id each retry used to start a session of its own and run the code there.
+    result = sdk.run("v1", "running_retry_new", server.url + "/v1")
+    assert result["hasty"]["status"] == "success", result
+    assert [(o["type"], o["data"]) for o in result["hasty"]["outputs"]] == [("stdout", "done\n")], result
+    assert result["sessions"] == [result["hasty"]["session_id"]], result
+    assert result["hasty_seconds"] > 3, result
+
+
 @pytest.mark.parametrize("base", base_params("base=v1"))
 def test_a_long_execute_ends_inside_the_2x_sdks_read_timeout(sdk: SdkRunner, server: Server, base: str) -> None:
     # The client waits 12 s (x-stainless-read-timeout: 12.0); the server keeps 5 s clear of it.

@@ -132,6 +132,20 @@ def scenario_running_retry(patient: Execute, hasty: Execute) -> dict[str, Any]:
     return {"hasty": answer, "hasty_seconds": hasty_seconds, "final": patient("print(ran)", session_id=session_id)}
 
 
+def _session_ids() -> list[str]:
+    url = f"{os.environ['TCI_BASE_URL']}/tci/sessions"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {os.environ['TOGETHER_API_KEY']}"})
+    with urllib.request.urlopen(request) as response:
+        return [session["id"] for session in json.load(response)["data"]["sessions"]]
+
+
+def scenario_running_retry_new(patient: Execute, hasty: Execute) -> dict[str, Any]:
+    """The same without a session id: the retry must not start a second session and run it there."""
+    began = time.monotonic()
+    answer = hasty(f"import time\ntime.sleep({HASTY_TIMEOUT + 2})\nprint('done')")
+    return {"hasty": answer, "hasty_seconds": time.monotonic() - began, "sessions": _session_ids()}
+
+
 def run_scenario(name: str, execute: Execute, not_found_error: type[BaseException]) -> dict[str, Any]:
     """Run the scenario called ``name``; ``not_found_error`` is what this SDK raises for a 404."""
     if name == "notfound":

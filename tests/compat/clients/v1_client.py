@@ -14,7 +14,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from _common import HASTY_TIMEOUT, NAMES, emit, run_scenario, scenario_queued_retry, scenario_running_retry
+from _common import (
+    HASTY_TIMEOUT,
+    NAMES,
+    emit,
+    run_scenario,
+    scenario_queued_retry,
+    scenario_running_retry,
+    scenario_running_retry_new,
+)
 from together import Together
 from together.error import InvalidRequestError
 
@@ -33,7 +41,12 @@ requests.Session.request = _recording_request  # type: ignore[method-assign]
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=[*NAMES, "queued_retry", "running_retry"])
+    hasty_scenarios = {
+        "queued_retry": scenario_queued_retry,
+        "running_retry": scenario_running_retry,
+        "running_retry_new": scenario_running_retry_new,
+    }
+    parser.add_argument("scenario", choices=[*NAMES, *hasty_scenarios])
     args = parser.parse_args()
     client = Together(api_key=os.environ["TOGETHER_API_KEY"], base_url=os.environ["TCI_BASE_URL"])
 
@@ -49,13 +62,12 @@ def main() -> None:
             "data_errors": response.data.errors,
         }
 
-    if args.scenario in {"queued_retry", "running_retry"}:
+    if args.scenario in hasty_scenarios:
         # 1.x sends no read timeout: the abandoned attempt is recognised by its closed connection.
         hasty = Together(
             api_key=os.environ["TOGETHER_API_KEY"], base_url=os.environ["TCI_BASE_URL"], timeout=HASTY_TIMEOUT
         )
-        scenario = scenario_queued_retry if args.scenario == "queued_retry" else scenario_running_retry
-        result = scenario(execute, functools.partial(execute, via=hasty))
+        result = hasty_scenarios[args.scenario](execute, functools.partial(execute, via=hasty))
     else:
         result = run_scenario(args.scenario, execute, InvalidRequestError)
     result["requests"] = REQUESTS
