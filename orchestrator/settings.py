@@ -36,7 +36,9 @@ class SandboxSettings(BaseModel):
     workspace_bytes: int = Field(256 * MiB, ge=MiB)
     """Size of the working directory /workspace (tmpfs, charged to the memory limit)."""
     home_bytes: int = Field(256 * MiB, ge=MiB)
-    """Size of the home directory, where `!pip install` puts packages (tmpfs)."""
+    """Size of the home directory /home/sandbox (tmpfs, charged to the memory limit)."""
+    packages_bytes: int = Field(256 * MiB, ge=MiB)
+    """Size of /opt/venv/local, where `!pip install` puts packages (tmpfs, charged to the memory limit)."""
     nofile: int = Field(4096, ge=64)
     max_file_size_bytes: int = Field(512 * MiB, ge=MiB)
     network: str = "none"

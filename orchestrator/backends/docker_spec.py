@@ -12,6 +12,8 @@ from .channel import SOCKET_NAME
 SANDBOX_UID_GID = "10001"
 WORKDIR = "/workspace"
 HOME = "/home/sandbox"
+# PYTHONUSERBASE (the image sets it): inside the venv, so pip can uninstall what it installed there.
+USER_PACKAGES = "/opt/venv/local"
 # Where the sandbox sees its (read-only) runner socket directory.
 CHANNEL_DIR = "/run/tci-runner"
 
@@ -38,7 +40,7 @@ def runner_environment(sandbox: SandboxSettings) -> dict[str, str]:
         "TCI_RUNNER_MAX_STREAM_BYTES": str(sandbox.max_stream_bytes),
         "TCI_RUNNER_MAX_OUTPUT_BYTES": str(sandbox.max_output_bytes),
         # What a run_code request may add at the top of these is deleted after it (run lanes).
-        "TCI_RUNNER_SCRUB_DIRS": f"{HOME}:/tmp",
+        "TCI_RUNNER_SCRUB_DIRS": f"{HOME}:/tmp:{USER_PACKAGES}",
     }
 
 
@@ -110,6 +112,7 @@ def container_config(
             "/tmp": _tmpfs(sandbox.tmp_bytes, owned=False),
             WORKDIR: _tmpfs(sandbox.workspace_bytes, owned=True),
             HOME: _tmpfs(sandbox.home_bytes, owned=True),
+            USER_PACKAGES: _tmpfs(sandbox.packages_bytes, owned=True),
         },
         "mem_limit": sandbox.memory_bytes,
         "memswap_limit": sandbox.memory_bytes,

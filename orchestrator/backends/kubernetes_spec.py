@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from ..models import Claim
 from ..settings import KubernetesSettings, SandboxSettings
-from .docker_spec import HOME, WORKDIR, pip_environment, runner_environment
+from .docker_spec import HOME, USER_PACKAGES, WORKDIR, pip_environment, runner_environment
 
 GROUP: Final = "tci-orchestrator.io"
 MANAGED: Final = f"{GROUP}/managed"
@@ -42,7 +42,7 @@ CONTAINER: Final = "sandbox"
 # Long enough for the runner to stop its kernel, short enough that a deleted pod frees its node fast.
 TERMINATION_GRACE_SECONDS: Final = 2
 
-_MOUNTS: Final = {"tmp": "/tmp", "workspace": WORKDIR, "home": HOME}
+_MOUNTS: Final = {"tmp": "/tmp", "workspace": WORKDIR, "home": HOME, "packages": USER_PACKAGES}
 
 
 def selector(instance: str) -> str:
@@ -134,7 +134,12 @@ def pod_manifest(
         "memory": str(min(kube.memory_request_bytes, sandbox.memory_bytes)),
         "ephemeral-storage": str(min(kube.ephemeral_storage_bytes, 16 * 1024 * 1024)),
     }
-    sizes = {"tmp": sandbox.tmp_bytes, "workspace": sandbox.workspace_bytes, "home": sandbox.home_bytes}
+    sizes = {
+        "tmp": sandbox.tmp_bytes,
+        "workspace": sandbox.workspace_bytes,
+        "home": sandbox.home_bytes,
+        "packages": sandbox.packages_bytes,
+    }
     spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "serviceAccountName": kube.service_account,

@@ -36,7 +36,7 @@ def test_session_container_is_hardened(api, docker_client, run_id, make_settings
     assert host["MemorySwap"] == host["Memory"]
     assert host["NanoCpus"] == 1_000_000_000
     assert host["IpcMode"] == "private"
-    assert set(host["Tmpfs"]) == {"/tmp", "/workspace", "/home/sandbox"}
+    assert set(host["Tmpfs"]) == {"/tmp", "/workspace", "/home/sandbox", "/opt/venv/local"}
     assert all("size=" in options for options in host["Tmpfs"].values())
     assert {u["Name"] for u in host["Ulimits"]} >= {"nofile", "fsize", "core"}
     assert host["LogConfig"]["Type"] == "none"

@@ -133,6 +133,20 @@ def test_index_pages_reach_pip_trimmed_to_what_this_sandbox_can_install(api: Tes
     assert found["trimmed"] < found["whole"] / 4, found
 
 
+def test_an_installed_package_can_be_changed_to_another_version_and_uninstalled(api: TestClient) -> None:
+    # pip removes only what lies under the venv's prefix: packages go to /opt/venv/local, not ~/.local.
+    code = (
+        "!pip install -q termcolor==2.4.0\n!pip install -q termcolor==2.3.0\n"
+        "import importlib.metadata, os, site\n"
+        "print(sorted(n for n in os.listdir(site.getusersitepackages()) if n.startswith('termcolor-')))\n"
+        "print(importlib.metadata.version('termcolor'))\n"
+        "!pip uninstall -y -q termcolor\n"
+        "print(sorted(n for n in os.listdir(site.getusersitepackages()) if n.startswith('termcolor')))"
+    )
+    data = execute(api, code)
+    assert text_of(data, "stdout").splitlines()[-3:] == ["['termcolor-2.3.0.dist-info']", "2.3.0", "[]"], data
+
+
 def test_two_sessions_installing_at_once_both_succeed(api: TestClient) -> None:
     # The two other ways in: IPython's %pip, and pip as a subprocess of the user's code.
     magic = "%pip install termcolor tabulate\nimport termcolor, tabulate\nprint('imported')"
