@@ -28,7 +28,8 @@ SANDBOX_RUN_FLAGS := --rm --init --read-only --user 10001:10001 --cap-drop ALL \
 	--memory 2g --memory-swap 2g \
 	--tmpfs /tmp:rw,nosuid,nodev,size=256m \
 	--tmpfs /home/sandbox:rw,nosuid,nodev,size=256m,uid=10001,gid=10001,mode=0700 \
-	--tmpfs /workspace:rw,nosuid,nodev,size=256m,uid=10001,gid=10001,mode=0700
+	--tmpfs /workspace:rw,nosuid,nodev,size=256m,uid=10001,gid=10001,mode=0700 \
+	--tmpfs /opt/venv/local:rw,nosuid,nodev,size=256m,uid=10001,gid=10001,mode=0700
 
 SMOKE_IMPORTS := aiohttp, bs4, bokeh, gensim, imageio, joblib, librosa, matplotlib, \
 	nltk, numpy, cv2, openpyxl, pandas, plotly, pytest, docx, pytz, requests, skimage, \

@@ -224,6 +224,7 @@ def results(docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPat
             "/tmp": "rw,nosuid,nodev,size=256m",
             "/home/sandbox": "rw,nosuid,nodev,size=256m,uid=10001,gid=10001,mode=0700",
             "/workspace": "rw,nosuid,nodev,size=256m,uid=10001,gid=10001,mode=0700",
+            "/opt/venv/local": "rw,nosuid,nodev,size=256m,uid=10001,gid=10001,mode=0700",
         },
     )
     try:

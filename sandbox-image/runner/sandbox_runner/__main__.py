@@ -7,6 +7,7 @@ do; the rest of the runner (logging, asyncio, the server) is imported while it s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import site
 import sys
@@ -21,7 +22,9 @@ def make_directories(config: RunnerConfig) -> None:
     config.workdir.mkdir(parents=True, exist_ok=True)
     # The interpreter only puts the user site on sys.path if it exists at start-up, so it must
     # exist before the kernel starts for `!pip install` to be importable in the same session.
-    Path(site.getusersitepackages()).mkdir(parents=True, exist_ok=True)
+    # Without its tmpfs (an image run by hand) it cannot be made: then pip says where it cannot write.
+    with contextlib.suppress(OSError):
+        Path(site.getusersitepackages()).mkdir(parents=True, exist_ok=True)
     for var in ("JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "XDG_CACHE_HOME"):
         if os.environ.get(var):
             Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
