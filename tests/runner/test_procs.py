@@ -31,8 +31,12 @@ def test_held_reads_see_every_change(tmp_path: Path) -> None:
 
 
 def test_open_files_follows_the_process_and_forgets_one_that_is_gone() -> None:
-    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    # The child says when it has started: an interpreter still starting opens and closes files.
+    code = "import sys; print('ready', flush=True); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"ready\n"
         before = procs.open_files(child.pid)
         assert before >= 3
         assert procs.open_files(os.getpid()) > 0  # another pid replaces the held directory
@@ -43,6 +47,8 @@ def test_open_files_follows_the_process_and_forgets_one_that_is_gone() -> None:
         assert child.stdin is not None
         child.stdin.close()
         child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
     fds = _own_fds()
     assert procs.open_files(child.pid) == 0
     assert _own_fds() <= fds  # the dead process's directory was let go
