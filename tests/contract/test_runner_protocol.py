@@ -258,6 +258,11 @@ async def test_run_and_fetch_match_the_client_models(
         await client.request("fetch", {"paths": ["kept.txt", "nope", "/etc/passwd"]}, timeout=10)
     )
     assert fetched.files == {"kept.txt": "aGk="}
+    # A console script a program installs (pip writes it to the user base's bin) is on its PATH.
+    script = 'mkdir -p "$PYTHONUSERBASE/bin"; printf "#!/bin/sh\\necho found\\n" > "$PYTHONUSERBASE/bin/tool"'
+    installed = {"argv": ["sh", "-c", f'{script}; chmod +x "$PYTHONUSERBASE/bin/tool"; tool'], "timeout": 20}
+    ran = runner_client.RunResult.model_validate(await client.request("run", installed, timeout=30))
+    assert (ran.stdout, ran.return_code) == ("found\n", 0), ran
     with pytest.raises(RunnerRefused) as caught:
         await client.request("run", {"argv": []}, timeout=10)
     assert (caught.value.code, caught.value.param) == ("bad_request", "argv")

@@ -151,10 +151,13 @@ def _environment(home: Path, config: RunnerConfig) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TCI_")}
     env.pop("PYTEST_CURRENT_TEST", None)
     mpl = home / ".config" / "matplotlib"
+    user_base = home / ".local"
     env.update(
         HOME=str(home),
         TMPDIR=str(home),
-        PYTHONUSERBASE=str(home / ".local"),
+        PYTHONUSERBASE=str(user_base),
+        # Console scripts of what the program installs (pip puts them in the user base's bin).
+        PATH=os.pathsep.join([str(user_base / "bin"), *filter(None, [env.get("PATH")])]),
         MPLCONFIGDIR=str(mpl),
         XDG_CACHE_HOME=str(home / ".cache"),
         IPYTHONDIR=str(home / ".ipython"),
