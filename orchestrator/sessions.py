@@ -485,12 +485,15 @@ class SessionManager:
         return Session(claim=claim, sandbox=sandbox, client=client)
 
     async def _run(self, session: Session, job: _Job, *, fresh: bool = False) -> ExecuteResult:
+        # A new session's first execute is kept for a retry by its tenant (``execute``), not here: its
+        # caller has no session id to retry it with, and kept twice it could be handed out twice.
+        attempts = None if fresh else session.attempts
         request, watched = job.request(), job.watched()
-        if (earlier := await session.attempts.earlier(request, watched)) is not None:
+        if attempts is not None and (earlier := await attempts.earlier(request, watched)) is not None:
             return await earlier
         async with self._turn(session, fresh=fresh):
-            timeout = await job.budget()
-            return await session.attempts.run(request, watched, self._send(session, job, timeout))
+            work = self._send(session, job, await job.budget())
+            return await (work if attempts is None else attempts.run(request, watched, work))
 
     @contextlib.asynccontextmanager
     async def _turn(self, session: Session, *, fresh: bool) -> AsyncIterator[None]:

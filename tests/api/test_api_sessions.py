@@ -223,3 +223,37 @@ def test_a_retry_of_a_new_session_execute_whose_client_left_gets_that_session(ap
     retry = send(lambda: False)
     assert retry.result(timeout=30) is first.result(timeout=30)
     assert [s["id"] for s in app.sessions(key)] == [first.result().session_id]
+
+
+def test_a_retried_new_session_execute_is_not_answered_again_by_its_session_id(app: App, wait_until: Waiter) -> None:
+    # The retry (no session id) gets the abandoned run's answer; the same code sent next with the
+    # session id that answer carried is a new request and runs.
+    key = "api-tests-retry-fresh-once"
+    services = app.client.app_state["services"]
+    tenant = services.authenticator.tenant_for(f"Bearer {key}")
+    portal = app.client.portal
+    assert portal is not None
+    left = threading.Event()
+    code = "import time\nopen('runs', 'a').write('x')\ntime.sleep(1.2)\nprint(len(open('runs').read()))"
+
+    def send(session_id: str | None, gone: Callable[[], bool]) -> Any:
+        async def asked() -> bool:
+            return gone()
+
+        call = functools.partial(services.manager.execute, tenant, session_id, code, None, 20.0, None, gone=asked)
+        return portal.start_task_soon(call)
+
+    first = send(None, left.is_set)
+
+    def started() -> bool:
+        listed = app.client.get("/tci/sessions", headers=auth(key)).json()["data"]["sessions"]
+        path = f"/tci/sessions/{listed[0]['id']}/files/runs" if listed else None
+        return path is not None and app.client.get(path, headers=auth(key)).status_code == 200
+
+    wait_until(started, timeout=20, message="the first attempt to start")
+    left.set()
+    answer = first.result(timeout=30)
+    assert send(None, lambda: False).result(timeout=30) is answer
+    again = send(answer.session_id, lambda: False).result(timeout=30)
+    assert again is not answer
+    assert again.outputs == [{"type": "stdout", "data": "2\n"}]
