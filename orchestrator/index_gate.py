@@ -55,6 +55,7 @@ _CHUNK: Final = 64 * 1024
 _MAX_PAGE_BYTES: Final = 4 * MiB
 # Trimmed pages kept, so a sandbox asking for one page over and over costs one parse.
 _TRIMMED_KEPT_BYTES: Final = 32 * MiB
+_TRIMMED_KEPT_PAGES: Final = 4096
 
 
 def cache_path(method: str, raw_path: str) -> str | None:
@@ -80,10 +81,6 @@ class _Budget:
 def _refuse(status: int, reason: str) -> web.Response:
     # pip reports a file download's failure as "<status> Client Error: <reason> for url: …".
     return web.Response(status=status, reason=reason, text=reason + "\n")
-
-
-def _over_budget(limit: int) -> web.Response:
-    return _refuse(403, f"this download would exceed the session's limit of {limit // MiB} MiB")
 
 
 def _is_page(request: web.Request, path: str) -> bool:
@@ -196,7 +193,7 @@ class IndexGate:
                     return _refuse(502, "the package cache could not fetch this file from the upstream index")
                 length = upstream.content_length
                 if length is not None and budget.used + length > limit:
-                    return _over_budget(limit)
+                    return _refuse(403, f"this download would exceed the session's limit of {limit // MiB} MiB")
                 if page_for is not None and _trimmable(upstream):
                     return await self._page(path, upstream, page_for, budget)
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -230,7 +227,7 @@ class IndexGate:
         trimmed = await asyncio.to_thread(index_pages.trim, page, interpreter)
         self._trimmed[key] = trimmed
         self._trimmed_bytes += len(trimmed or b"")
-        while self._trimmed_bytes > _TRIMMED_KEPT_BYTES or len(self._trimmed) > 4096:
+        while self._trimmed_bytes > _TRIMMED_KEPT_BYTES or len(self._trimmed) > _TRIMMED_KEPT_PAGES:
             self._trimmed_bytes -= len(self._trimmed.popitem(last=False)[1] or b"")
         return trimmed
 
@@ -239,10 +236,8 @@ class IndexGate:
     ) -> web.Response:
         """An index page, read whole and passed on trimmed to what the asking pip could install."""
         page = await upstream.read()
-        # The whole page counts against the session's budget: it is what the gate fetched for it.
-        limit = self._settings.max_download_bytes
-        if budget.used + len(page) > limit:
-            return _over_budget(limit)
+        # The whole page counts against the session's budget (``_forward`` checked its length against
+        # what is left): it is what the gate fetched for it.
         budget.used += len(page)
         trimmed = await self._trim(path, page, interpreter)
         body = page if trimmed is None else trimmed
