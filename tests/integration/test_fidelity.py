@@ -96,6 +96,10 @@ CORPUS: list[tuple[str, str]] = [
     ("shell-ls", "!echo one; echo two"),
     ("plotly", "import plotly.express as px\npx.line(x=[1, 2], y=[2, 1]).show()"),
     ("tqdm", "from tqdm.auto import tqdm\nfor _ in tqdm(range(3)):\n    pass"),
+    (
+        "history-record",
+        "hm = get_ipython().history_manager\nprint(any(hm.outputs.values()), bool(hm.exceptions))",
+    ),
     # Last but one: a Jupyter kernel warns later about the coroutine it never awaited.
     ("asyncio-run", "import asyncio\nasync def f():\n    return 7\nprint(asyncio.run(f()))"),
     ("exit", "exit()"),
@@ -190,6 +194,13 @@ INTENDED: dict[str, tuple[str, Callable[[Outputs, Outputs], bool]]] = {
             and [o["type"] for o in lean] == ["stderr"]
             and "3/3" in lean[0]["data"]
             and "Warning" not in lean[0]["data"]
+        ),
+    ),
+    "history-record": (
+        "IPython's record of earlier cells' printed text, results and errors (kept for %notebook) is not kept",
+        lambda jupyter, lean: (
+            jupyter == [{"type": "stdout", "data": "True True\n"}]
+            and lean == [{"type": "stdout", "data": "False False\n"}]
         ),
     ),
     "argv": (

@@ -259,6 +259,24 @@ async def test_reply_reports_duration_and_no_drops(runner):
     assert 200 <= result.result["duration_ms"] < 10_000
 
 
+async def test_what_cells_printed_is_not_kept_in_the_interpreter_after_them(runner):
+    # IPython records every write of every cell (for ``%notebook``) and never lets go: a chatty loop grew the
+    # interpreter by ~40 MB a cell here, until the session ran out of memory long after the cell that did it.
+    chatty = "for i in range(200_000):\n    print(str(i) * 20)"
+    resident = "print(next(line for line in open('/proc/self/status') if line.startswith('VmRSS')).split()[1])"
+
+    async def resident_kib() -> int:
+        result = await runner.execute(resident)
+        assert result.outcome == "ok", result.outputs
+        return int(result.text("stdout"))
+
+    assert (await runner.execute(chatty)).result["dropped_bytes"]["stdout"] > 0
+    before = await resident_kib()
+    for _ in range(2):
+        assert (await runner.execute(chatty)).outcome == "ok"
+    assert await resident_kib() - before < 24 * 1024
+
+
 async def test_the_interpreter_is_ipython_without_jupyter_and_user_code_can_still_import_it(runner):
     code = "import sys\nprint(type(get_ipython()).__name__, 'zmq' in sys.modules, 'ipykernel' in sys.modules)\n"
     code += "import debugpy, ipykernel\nprint(debugpy.__name__)"

@@ -54,6 +54,7 @@ def main() -> None:
                 setattr(sys, name, capture.streams[name])
         capture.begin()
         _run_cell(shell, code)
+        shell.forget_cell_record()
         dropped = capture.end()
         channel.send(
             {

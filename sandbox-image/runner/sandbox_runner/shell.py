@@ -20,7 +20,7 @@ import struct
 import subprocess
 import tempfile
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -132,6 +132,24 @@ class LeanShell(InteractiveShell):
 
     # Whether the running cell's error has been sent; interpreter.py sends one IPython could not.
     error_sent = False
+
+    @contextlib.contextmanager
+    def _tee(self, channel: str) -> Iterator[None]:
+        # IPython copies every write of a cell into its history's record of outputs (for ``%notebook``
+        # only): tens of megabytes a cell for a chatty loop, and never let go. Nothing is copied here.
+        yield
+
+    def forget_cell_record(self) -> None:
+        """Drop what IPython recorded of the cell besides its input: its results and the text of its error.
+
+        IPython keeps them, for ``%notebook`` only, for the life of the session; a long session that
+        shows frames or fails often would carry them all. ``In``, ``Out`` and ``_i``/``_`` are kept.
+        """
+        history = self.history_manager
+        if history is not None:
+            history.outputs.clear()
+            history.exceptions.clear()
+            history.db_input_cache.clear()  # written out only to a history database, which is off
 
     def _showtraceback(self, etype: type[BaseException], evalue: BaseException, stb: list[str]) -> None:
         self.send_error(etype.__name__, str(evalue), stb)
