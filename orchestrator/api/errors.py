@@ -58,21 +58,15 @@ def _from_validation(exc: RequestValidationError) -> OrchestratorError:
     return error
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers: our tree, validation errors, routing errors, and anything else."""
-
-    async def orchestrator_error(_: Request, exc: Exception) -> TCIJSONResponse:
-        assert isinstance(exc, OrchestratorError)
+def error_response(exc: Exception) -> TCIJSONResponse:
+    """The response for ``exc``: our tree as it says, validation and routing errors as ours, anything else a 500."""
+    if isinstance(exc, OrchestratorError):
         if exc.status_code >= 500:
             log.warning("request_failed", code=exc.code, error=exc.message)
         return _respond(exc)
-
-    async def validation_error(_: Request, exc: Exception) -> TCIJSONResponse:
-        assert isinstance(exc, RequestValidationError)
+    if isinstance(exc, RequestValidationError):
         return _respond(_from_validation(exc))
-
-    async def http_error(_: Request, exc: Exception) -> TCIJSONResponse:
-        assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc, StarletteHTTPException):
         if isinstance(exc.__cause__, OrchestratorError):
             # FastAPI wraps any failure while reading the body (e.g. our 413) in a generic 400.
             return _respond(exc.__cause__)
@@ -80,12 +74,15 @@ def install_error_handlers(app: FastAPI) -> None:
         error.status_code = exc.status_code
         error.type = "invalid_request_error"
         return _respond(error)
+    log.exception("unhandled_error", error=repr(exc))
+    return _respond(OrchestratorError("internal error"))
 
-    async def unexpected(_: Request, exc: Exception) -> TCIJSONResponse:
-        log.exception("unhandled_error", error=repr(exc))
-        return _respond(OrchestratorError("internal error"))
 
-    app.add_exception_handler(OrchestratorError, orchestrator_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, unexpected)
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception FastAPI catches to ``error_response``."""
+
+    async def handle(_: Request, exc: Exception) -> TCIJSONResponse:
+        return error_response(exc)
+
+    for kind in (OrchestratorError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, handle)

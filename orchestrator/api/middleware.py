@@ -7,12 +7,28 @@ import secrets
 import time
 
 import structlog
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import RequestTooLarge
 
 log = structlog.get_logger("orchestrator.access")
 _SLASHES = re.compile(r"/{2,}")
+
+
+def normalize_path(path: str) -> str:
+    """``path`` with repeated slashes collapsed."""
+    return _SLASHES.sub("/", path) if "//" in path else path
+
+
+def edge_middleware(max_body_bytes: int) -> list[Middleware]:
+    """What every request passes through before its route, outermost first: paths are normalised before
+    routing, bodies capped before parsing, and every request is logged."""
+    return [
+        Middleware(NormalizePathMiddleware),
+        Middleware(RequestContextMiddleware),
+        Middleware(BodyLimitMiddleware, max_bytes=max_body_bytes),
+    ]
 
 
 class NormalizePathMiddleware:
@@ -23,7 +39,7 @@ class NormalizePathMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and "//" in scope["path"]:
-            path = _SLASHES.sub("/", scope["path"])
+            path = normalize_path(scope["path"])
             scope = {**scope, "path": path, "raw_path": path.encode()}
         await self.app(scope, receive, send)
 

@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
-from starlette.routing import request_response
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from ..interrupts import interrupt
@@ -29,6 +28,7 @@ from ..schemas import (
 )
 from ..settings import Settings
 from .deps import ServicesDep, TenantDep, get_services, get_tenant
+from .errors import error_response
 from .responses import TCIJSONResponse
 from .stream import MEDIA_TYPE, stream_execute, wants_stream
 
@@ -60,43 +60,46 @@ _EXECUTE_200: dict[str, Any] = {
 
 
 class ExecuteRoute(APIRoute):
-    """``POST /tci/execute`` served without FastAPI's per-request parameter resolution.
+    """``POST /tci/execute`` as FastAPI describes it; the requests themselves go to ``serve_execute``.
 
-    A custom route class is FastAPI's own extension point: the OpenAPI description still comes from
-    the endpoint's signature, but requests are taken apart here, by hand, in the order that matters
-    (the key before the body), and a matched ``POST`` is handed to the handler as a plain Starlette
-    route would be, without the dependency exit stacks and route-context bookkeeping FastAPI wraps
-    around every route: on the hottest path these cost more than everything else the orchestrator
-    does for an execute. Errors are the same exceptions, so the app's one handler renders them.
+    The app hands them over before FastAPI's per-request layers (``app.py``); one that reaches the
+    route all the same is served by the same function.
     """
-
-    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
-        super().__init__(path, endpoint, **kwargs)
-        self._serve = request_response(self.get_route_handler())
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] == "POST":
-            await self._serve(scope, receive, send)
+            await serve_execute(scope, receive, send)
         else:
             await super().handle(scope, receive, send)  # FastAPI's 405, with its Allow header
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        endpoint = self.endpoint
 
-        async def handler(request: Request) -> Response:
-            services = await get_services(request)
-            tenant = await get_tenant(services, request.headers.get("authorization"))
-            try:
-                body = ExecuteRequest.model_validate_json(await request.body())
-            except ValidationError as exc:
-                raise RequestValidationError(exc.errors(include_url=False)) from None
-            headers = request.headers
-            response: Response = await endpoint(
-                body, tenant, services, request, headers.get("x-stainless-read-timeout"), headers.get("accept")
-            )
-            return response
+async def serve_execute(scope: Scope, receive: Receive, send: Send) -> None:
+    """``POST /tci/execute`` as a plain ASGI app, errors rendered by the one handler.
 
-        return handler
+    The request is taken apart by hand, in the order that matters (the key before the body), without
+    FastAPI's parameter resolution and the exit stacks it wraps around every route.
+    """
+    request = Request(scope, receive)
+    try:
+        response = await _execute_request(request)
+    except ClientDisconnect:
+        return  # gone while sending the body: nothing ran, and no one to answer
+    except Exception as exc:  # noqa: BLE001 - every error is rendered, as FastAPI's handlers would
+        response = error_response(exc)
+    await response(scope, receive, send)
+
+
+async def _execute_request(request: Request) -> Response:
+    services = await get_services(request)
+    tenant = await get_tenant(services, request.headers.get("authorization"))
+    try:
+        body = ExecuteRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+    headers = request.headers
+    return await execute(
+        body, tenant, services, request, headers.get("x-stainless-read-timeout"), headers.get("accept")
+    )
 
 
 def _limits(settings: Settings, requested: float | None, client_read_timeout: str | None) -> tuple[float, float | None]:

@@ -202,6 +202,31 @@ def test_unknown_route_uses_the_envelope(app: App) -> None:
     check_error(response, 405, "http_error")
 
 
+def test_an_unexpected_failure_of_an_execute_is_a_500_envelope_with_a_request_id() -> None:
+    # Executes are served ahead of FastAPI's own layers (app.py): they must still end in the one handler.
+    settings = make_settings()
+
+    class BrokenBackend(LocalBackend):
+        async def create(self, claim: Any) -> Any:
+            raise RuntimeError("a bug, not an OrchestratorError")
+
+    with TestClient(create_app(settings, backend=BrokenBackend(settings)), raise_server_exceptions=False) as client:
+        response = client.post("/v1//tci/execute", json={"code": "1"}, headers=auth(KEY_A))
+        body = check_error(response, 500, "internal_error")
+        assert body["error"]["message"] == "internal error"
+        assert response.headers["x-should-retry"] == "false"
+        assert len(response.headers["x-request-id"]) == 16
+
+
+def test_executes_carry_a_request_id(app: App) -> None:
+    ok = app.client.post("/tci/execute", json={"code": "1"}, headers=auth(KEY_A))
+    refused = app.client.post("/tci/execute", json={"code": "1"})
+    assert ok.status_code == 200
+    check_error(refused, 401, "invalid_api_key")
+    ids = {response.headers["x-request-id"] for response in (ok, refused)}
+    assert len(ids) == 2 and all(len(value) == 16 for value in ids)
+
+
 def test_a_new_session_that_waits_too_long_for_its_turn_gets_429_and_nothing_runs(tmp_path: Path) -> None:
     settings = make_settings(max_concurrent_creates=1, create_wait_seconds=0.5)
     gate, entered = threading.Event(), threading.Event()
