@@ -224,7 +224,8 @@ def test_executes_carry_a_request_id(app: App) -> None:
     assert ok.status_code == 200
     check_error(refused, 401, "invalid_api_key")
     ids = {response.headers["x-request-id"] for response in (ok, refused)}
-    assert len(ids) == 2 and all(len(value) == 16 for value in ids)
+    assert len(ids) == 2
+    assert all(len(value) == 16 for value in ids)
 
 
 def test_a_new_session_that_waits_too_long_for_its_turn_gets_429_and_nothing_runs(tmp_path: Path) -> None:
