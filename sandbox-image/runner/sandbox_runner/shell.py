@@ -145,11 +145,12 @@ class LeanShell(InteractiveShell):
         IPython keeps them, for ``%notebook`` only, for the life of the session; a long session that
         shows frames or fails often would carry them all. ``In``, ``Out`` and ``_i``/``_`` are kept.
         """
-        history = self.history_manager
-        if history is not None:
-            history.outputs.clear()
-            history.exceptions.clear()
-            history.db_input_cache.clear()  # written out only to a history database, which is off
+        # db_input_cache is written out only to a history database, which is off. Looked up softly: an
+        # IPython without one of them (a user may install another) must not fail every cell here.
+        for name in ("outputs", "exceptions", "db_input_cache"):
+            record = getattr(self.history_manager, name, None)
+            if record is not None:
+                record.clear()
 
     def _showtraceback(self, etype: type[BaseException], evalue: BaseException, stb: list[str]) -> None:
         self.send_error(etype.__name__, str(evalue), stb)
