@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -16,8 +17,8 @@ from .responses import TCIJSONResponse
 log = structlog.get_logger(__name__)
 
 
-def _respond(exc: OrchestratorError) -> TCIJSONResponse:
-    headers = {"x-should-retry": "true" if exc.retry else "false"}
+def _respond(exc: OrchestratorError, extra: Mapping[str, str] | None = None) -> TCIJSONResponse:
+    headers = {**(extra or {}), "x-should-retry": "true" if exc.retry else "false"}
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         headers["retry-after"] = str(retry_after)
@@ -73,7 +74,7 @@ def error_response(exc: Exception) -> TCIJSONResponse:
         error = OrchestratorError(str(exc.detail), code="not_found" if exc.status_code == 404 else "http_error")
         error.status_code = exc.status_code
         error.type = "invalid_request_error"
-        return _respond(error)
+        return _respond(error, exc.headers)  # a 405's Allow, say
     log.exception("unhandled_error", error=repr(exc))
     return _respond(OrchestratorError("internal error"))
 

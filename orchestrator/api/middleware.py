@@ -14,6 +14,8 @@ from ..errors import RequestTooLarge
 
 log = structlog.get_logger("orchestrator.access")
 _SLASHES = re.compile(r"/{2,}")
+# nginx's status for a request whose client closed the connection before it was answered.
+_CLIENT_CLOSED = 499
 
 
 def normalize_path(path: str) -> str:
@@ -96,7 +98,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = secrets.token_hex(8)
-        status = 500
+        status = 0  # no response started yet
         began = time.perf_counter()
 
         async def send_with_status(message: Message) -> None:
@@ -110,11 +112,15 @@ class RequestContextMiddleware:
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 await self.app(scope, receive, send_with_status)
+            except BaseException:
+                status = status or 500  # answered further out, by the server's own error handling
+                raise
             finally:
                 log.info(
                     "request",
                     method=scope["method"],
                     path=scope["path"],
-                    status=status,
+                    # Nothing raised and nothing sent: the client left before there was anything to answer.
+                    status=status or _CLIENT_CLOSED,
                     ms=round((time.perf_counter() - began) * 1000, 2),
                 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
+import structlog
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -31,6 +32,8 @@ from .deps import ServicesDep, TenantDep, get_services, get_tenant
 from .errors import error_response
 from .responses import TCIJSONResponse
 from .stream import MEDIA_TYPE, stream_execute, wants_stream
+
+log = structlog.get_logger(__name__)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorEnvelope} for code in (400, 401, 404, 413, 422, 429, 500, 502, 503)
@@ -86,7 +89,13 @@ async def serve_execute(scope: Scope, receive: Receive, send: Send) -> None:
         return  # gone while sending the body: nothing ran, and no one to answer
     except Exception as exc:  # noqa: BLE001 - every error is rendered, as FastAPI's handlers would
         response = error_response(exc)
-    await response(scope, receive, send)
+    try:
+        await response(scope, receive, send)
+    except Exception as exc:
+        # Too late for an error response (a stream has begun): logged with the request's id, then the
+        # server ends the connection.
+        log.exception("unhandled_error", error=repr(exc))
+        raise
 
 
 async def _execute_request(request: Request) -> Response:

@@ -200,6 +200,7 @@ def test_unknown_route_uses_the_envelope(app: App) -> None:
     check_error(app.client.get("/tci/nope", headers=auth(KEY_A)), 404, "not_found")
     response = app.client.get("/tci/execute", headers=auth(KEY_A))
     check_error(response, 405, "http_error")
+    assert response.headers["allow"] == "POST"  # RFC 9110: a 405 says what is allowed
 
 
 def test_an_unexpected_failure_of_an_execute_is_a_500_envelope_with_a_request_id() -> None:
