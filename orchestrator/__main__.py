@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import socket
+from typing import Final
 
+import structlog
 import uvicorn
 
-from .app import create_app
+from .app import App, create_app
 from .logging import configure_logging
 from .settings import Settings
+
+log = structlog.get_logger(__name__)
+# Longest the server waits for its sessions' runners to take the interrupts before it stops anyway.
+_STOPPING_SECONDS: Final = 3.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,14 +28,35 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = Settings(**overrides)
     configure_logging(settings.log_format, settings.log_level)
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
+        # Room for an interrupted execute to answer: the runner's interrupt grace (3 s) and a kernel restart.
         timeout_graceful_shutdown=5,
     )
+    _Server(config, app).run()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which lets the app stop its running executes before waiting for open requests."""
+
+    def __init__(self, config: uvicorn.Config, app: App) -> None:
+        super().__init__(config)
+        self._app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        stopping = self._app.stopping
+        if stopping is not None:
+            try:
+                async with asyncio.timeout(_STOPPING_SECONDS):
+                    await stopping()
+            except Exception:  # the server stops all the same
+                log.exception("stopping_executes_failed")
+        await super().shutdown(sockets)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -54,6 +54,8 @@ class App(FastAPI):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._direct: dict[str, ASGIApp] = {}
+        self.stopping: Callable[[], Awaitable[None]] | None = None
+        """Set while the lifespan runs: what the server calls before it waits for open requests."""
 
     def direct(self, path: str, app: ASGIApp) -> None:
         """Serve ``POST path`` (after slash normalisation) with ``app``, ahead of FastAPI."""
@@ -68,13 +70,13 @@ class App(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI:
+def create_app(settings: Settings, *, backend: Backend | None = None) -> App:
     """Build the app; nothing starts until the lifespan runs (uvicorn, or a TestClient entered)."""
     chosen = backend or make_backend(settings)
     mcp = McpEndpoint()
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         metrics = Metrics()
         await chosen.start()
         manager = SessionManager(settings, chosen, metrics)
@@ -92,10 +94,13 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
                 lanes=lanes,
                 files=SessionFiles(manager, settings.max_download_bytes),
             )
+            assert isinstance(app, App)
+            app.stopping = manager.stop_executes
             try:
                 async with mcp.running(services):
                     yield {"services": services}
             finally:
+                app.stopping = None
                 scheduler.shutdown(wait=False)
         finally:
             await lanes.close()

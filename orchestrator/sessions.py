@@ -51,6 +51,7 @@ _REPLY_SLACK = 20.0
 _WAITED = 0.02
 # With less than this left before the caller's deadline when its turn comes, nothing runs.
 _MIN_RUN = 0.1
+_STOPPED = "[the server was stopped while this code ran, so it was interrupted; the session and its state are kept]\n"
 _OUTPUT_TYPES = Literal["stdout", "stderr", "error", "display_data", "execute_result"]
 
 
@@ -208,6 +209,7 @@ class SessionManager:
         self._create_slots = asyncio.Semaphore(settings.max_concurrent_creates)
         self.pool = WarmPool(settings, backend, metrics, has_room=self._pool_has_room)
         self._reap_lock = asyncio.Lock()
+        self._stopping = False
 
     # -- capacity ------------------------------------------------------------------------------
 
@@ -237,6 +239,23 @@ class SessionManager:
         """Reconcile with the engine, then start filling the warm pool."""
         await self.reconcile()
         await self.pool.start()
+
+    async def stop_executes(self) -> None:
+        """The server is about to stop: interrupt the executes that run, refuse those that wait (429).
+
+        Called before the server waits for its open requests, so that each gets an answer that says
+        what happened (a running execute its output so far, ``interrupted``; a queued one, nothing ran)
+        instead of a connection cut at the end of the wait, which the SDKs would retry on the next
+        server, running the code a second time. Sessions and their state are kept for that server.
+        """
+        self._stopping = True
+        busy = [s for s in self._sessions.values() if s.lock.locked() and not s.client.closed]
+
+        async def stop(session: Session) -> None:
+            with contextlib.suppress(OrchestratorError, RunnerRefused):
+                await session.client.request("interrupt", {}, timeout=2)
+
+        await asyncio.gather(*(stop(session) for session in busy))
 
     async def shutdown(self) -> None:
         """Stop the pool and close runner channels; containers stay for the next start to adopt."""
@@ -507,6 +526,8 @@ class SessionManager:
         finally:
             session.waiting -= 1
         try:
+            if self._stopping:
+                raise CapacityExhausted("the server is restarting; nothing ran: send it again", retry_after=1)
             # A session made for this request runs its first code even if starting it took long.
             if not fresh and not self._alive(session, self._clock()):
                 raise SessionNotFound(f"Session {session.session_id} not found or expired", param="session_id")
@@ -547,13 +568,16 @@ class SessionManager:
             result = _RunnerExecuteResult.model_validate(raw)
         except ValidationError:
             return await self._failed_mid_execute(session, "the sandbox sent a malformed reply")
+        outputs = [o.model_dump() for o in result.outputs]
+        if self._stopping and result.outcome == "interrupted":
+            outputs.append({"type": "stderr", "data": _STOPPED})
         session.execute_count += 1
         session.last_execute_at = self._clock()
         self._metrics.executions.labels(outcome=result.outcome if result.outcome in _KNOWN else "other").inc()
         self._metrics.execute_seconds.observe(time.monotonic() - began)
         return ExecuteResult(
             session_id=session.session_id,
-            outputs=[o.model_dump() for o in result.outputs],
+            outputs=outputs,
             error_summary=result.error_summary,
             outcome=result.outcome,
             state_lost=result.state_lost,

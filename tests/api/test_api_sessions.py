@@ -257,3 +257,38 @@ def test_a_retried_new_session_execute_is_not_answered_again_by_its_session_id(a
     again = send(answer.session_id, lambda: False).result(timeout=30)
     assert again is not answer
     assert again.outputs == [{"type": "stdout", "data": "2\n"}]
+
+
+def test_a_stopping_server_answers_running_code_as_interrupted_and_runs_nothing_more(
+    wait_until: Waiter, tmp_path: Path
+) -> None:
+    # Without this, the server's shutdown cut the connection of code still running after its grace,
+    # and both SDKs sent that code again to the next server, where it ran a second time.
+    key = "api-tests-stopping"
+    marker = tmp_path / "running"
+    with running_app() as app:
+        session_id = app.execute(key, "x = 1")["session_id"]
+        code = f"import pathlib, time\nprint('began')\npathlib.Path({str(marker)!r}).touch()\ntime.sleep(30)"
+        running: dict[str, Any] = {}
+        thread = threading.Thread(
+            target=lambda: running.update(
+                r=app.client.post("/tci/execute", json={"code": code, "session_id": session_id}, headers=auth(key))
+            )
+        )
+        thread.start()
+        wait_until(marker.exists, timeout=20, message="the code to run")
+        stopping = app.client.app.stopping  # type: ignore[attr-defined]
+        portal = app.client.portal
+        assert portal is not None
+        portal.call(stopping)
+        thread.join(timeout=30)
+        data = running["r"].json()["data"]
+        assert data["outcome"] == "interrupted"
+        assert stdout_of(data) == "began\n"
+        assert "the server was stopped while this code ran" in data["outputs"][-1]["data"]
+        before = app.snapshot()
+        for body in ({"code": "x = 2", "session_id": session_id}, {"code": "x = 2"}):
+            refused = app.client.post("/tci/execute", json=body, headers=auth(key))
+            check_error(refused, 429, "rate_limit_exceeded")
+            assert "nothing ran" in refused.json()["error"]["message"]
+        assert app.snapshot() == before

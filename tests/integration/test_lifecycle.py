@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import httpx
 import pytest
@@ -76,6 +77,49 @@ def test_sigkill_restart_keeps_sessions_and_leaves_nothing_unaccounted(docker_cl
             containers = our_containers(docker_client, run_id)
             assert [labels.parse_claim(c.name).session_id for c in containers] == [sid]
             assert [p.name for p in socket_dir(run_id).iterdir()] == [containers[0].labels[labels.CHANNEL]]
+        finally:
+            second.terminate()
+            second.wait(timeout=30)
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_sigterm_answers_running_code_and_the_next_server_does_not_run_it_again(docker_client, run_id, tmp_path):
+    # uvicorn cancels what is still open when its shutdown grace ends: the client got a plain 500 and
+    # both SDKs sent the code again to the next server, which ran it a second time.
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}/v1/tci"
+    code = "import time\nruns.append(1)\nopen('running', 'w').close()\ntime.sleep(60)"
+    answer: dict[str, httpx.Response] = {}
+    with open(tmp_path / "server.log", "wb") as log:
+        first = _serve(run_id, port, log)
+        try:
+            sid = httpx.post(f"{base}/execute", json={"code": "runs = []"}, headers=AUTH, timeout=60).json()["data"][
+                "session_id"
+            ]
+            (container,) = our_containers(docker_client, run_id)
+            sender = threading.Thread(
+                target=lambda: answer.update(
+                    r=httpx.post(f"{base}/execute", json={"code": code, "session_id": sid}, headers=AUTH, timeout=60)
+                )
+            )
+            sender.start()
+            wait_for(lambda: container.exec_run("test -e /workspace/running").exit_code == 0, 30, "the code to run")
+            first.send_signal(signal.SIGTERM)
+            sender.join(timeout=30)
+            first.wait(timeout=30)  # uvicorn ends by raising the signal again: -15
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+        response = answer["r"]
+        assert response.status_code == 200, response.text
+        assert response.json()["data"]["outcome"] == "interrupted"
+        second = _serve(run_id, port, log)
+        try:
+            reply = httpx.post(
+                f"{base}/execute", json={"code": "print(runs)", "session_id": sid}, headers=AUTH, timeout=60
+            ).json()
+            assert text_of(reply["data"], "stdout") == "[1]\n", reply
         finally:
             second.terminate()
             second.wait(timeout=30)
