@@ -53,6 +53,12 @@ def _serve(run_id: str, port: int, log) -> subprocess.Popen[bytes]:
     return process
 
 
+def _stdout(base: str, session_id: str, code: str) -> str:
+    reply = httpx.post(f"{base}/execute", json={"code": code, "session_id": session_id}, headers=AUTH, timeout=60)
+    assert reply.status_code == 200, reply.text
+    return text_of(reply.json()["data"], "stdout")
+
+
 def test_sigkill_restart_keeps_sessions_and_leaves_nothing_unaccounted(docker_client, run_id, tmp_path):
     port = _free_port()
     base = f"http://127.0.0.1:{port}/v1/tci"
@@ -68,10 +74,7 @@ def test_sigkill_restart_keeps_sessions_and_leaves_nothing_unaccounted(docker_cl
             first.wait()
         second = _serve(run_id, port, log)
         try:
-            reply = httpx.post(
-                f"{base}/execute", json={"code": "print(x, y)", "session_id": sid}, headers=AUTH, timeout=60
-            ).json()
-            assert text_of(reply["data"], "stdout") == "42 43\n", reply
+            assert _stdout(base, sid, "print(x, y)") == "42 43\n"
             listed = httpx.get(f"{base}/sessions", headers=AUTH, timeout=10).json()["data"]["sessions"]
             assert [(s["id"], s["execute_count"]) for s in listed] == [(sid, 3)]
             containers = our_containers(docker_client, run_id)
@@ -116,10 +119,7 @@ def test_sigterm_answers_running_code_and_the_next_server_does_not_run_it_again(
         assert response.json()["data"]["outcome"] == "interrupted"
         second = _serve(run_id, port, log)
         try:
-            reply = httpx.post(
-                f"{base}/execute", json={"code": "print(runs)", "session_id": sid}, headers=AUTH, timeout=60
-            ).json()
-            assert text_of(reply["data"], "stdout") == "[1]\n", reply
+            assert _stdout(base, sid, "print(runs)") == "[1]\n"
         finally:
             second.terminate()
             second.wait(timeout=30)
