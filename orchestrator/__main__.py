@@ -9,6 +9,7 @@ from typing import Final
 
 import structlog
 import uvicorn
+from sse_starlette.sse import AppStatus
 
 from .app import App, create_app
 from .logging import configure_logging
@@ -29,13 +30,16 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(**overrides)
     configure_logging(settings.log_format, settings.log_level)
     app = create_app(settings)
+    # sse-starlette ends every open stream as soon as the server is told to stop, before the executes
+    # behind them can answer (``_Server`` interrupts them first): those streams end with their result.
+    AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
-        # Room for an interrupted execute to answer: the runner's interrupt grace (3 s) and a kernel restart.
+        # Room for interrupted executes to answer (code that ignores SIGINT is cut off at the end).
         timeout_graceful_shutdown=5,
     )
     _Server(config, app).run()

@@ -51,6 +51,9 @@ _REPLY_SLACK = 20.0
 _WAITED = 0.02
 # With less than this left before the caller's deadline when its turn comes, nothing runs.
 _MIN_RUN = 0.1
+# How long, and how often, a stopping server interrupts what its sessions still run.
+_STOP_SECONDS = 2.0
+_STOP_INTERVAL = 0.2
 _STOPPED = "[the server was stopped while this code ran, so it was interrupted; the session and its state are kept]\n"
 _OUTPUT_TYPES = Literal["stdout", "stderr", "error", "display_data", "execute_result"]
 
@@ -221,6 +224,8 @@ class SessionManager:
 
     def _admit(self, tenant: str) -> None:
         """Reserve room for a new session or raise 429; callers must ``_pending[tenant] -= 1``."""
+        if self._stopping:
+            raise _restarting()
         tenant_count = self._pending[tenant] + sum(1 for s in self._sessions.values() if s.claim.tenant == tenant)
         if tenant_count >= self._settings.max_sessions_per_tenant:
             self._metrics.admission_rejected.labels(reason="tenant_cap").inc()
@@ -249,13 +254,20 @@ class SessionManager:
         server, running the code a second time. Sessions and their state are kept for that server.
         """
         self._stopping = True
-        busy = [s for s in self._sessions.values() if s.lock.locked() and not s.client.closed]
 
         async def stop(session: Session) -> None:
             with contextlib.suppress(OrchestratorError, RunnerRefused):
                 await session.client.request("interrupt", {}, timeout=2)
 
-        await asyncio.gather(*(stop(session) for session in busy))
+        # Again while any is still busy: an execute whose code reached its kernel just after an interrupt
+        # (it passed its turn before the stop) would otherwise run on until the server cuts it off.
+        loop = asyncio.get_running_loop()
+        until = loop.time() + _STOP_SECONDS
+        while busy := [s for s in self._sessions.values() if s.lock.locked() and not s.client.closed]:
+            await asyncio.gather(*(stop(session) for session in busy))
+            if loop.time() >= until:
+                return
+            await asyncio.sleep(_STOP_INTERVAL)
 
     async def shutdown(self) -> None:
         """Stop the pool and close runner channels; containers stay for the next start to adopt."""
@@ -527,7 +539,7 @@ class SessionManager:
             session.waiting -= 1
         try:
             if self._stopping:
-                raise CapacityExhausted("the server is restarting; nothing ran: send it again", retry_after=1)
+                raise _restarting()
             # A session made for this request runs its first code even if starting it took long.
             if not fresh and not self._alive(session, self._clock()):
                 raise SessionNotFound(f"Session {session.session_id} not found or expired", param="session_id")
@@ -547,6 +559,8 @@ class SessionManager:
             ) from exc
 
     async def _send(self, session: Session, job: _Job, timeout: float) -> ExecuteResult:
+        if self._stopping:
+            raise _restarting()  # asked since its turn came (the budget may have waited)
         listener = None if job.watcher is None else functools.partial(_relay, job.watcher, session.session_id)
         began = time.monotonic()
         try:
@@ -678,6 +692,10 @@ class SessionManager:
             if session.sandbox.sandbox_id == sandbox_id:
                 return session
         return None
+
+
+def _restarting() -> CapacityExhausted:
+    return CapacityExhausted("the server is restarting; nothing ran: send it again", retry_after=1)
 
 
 _KNOWN = frozenset({"ok", "error", "timeout", "interrupted", "oom", "kernel_died", "not_run"})

@@ -108,6 +108,8 @@ async def run_code(body: RunCodeRequest, tenant: FusionTenantDep, services: Serv
             except InvalidRequest as exc:
                 # Refused before anything ran (an upload's name or size).
                 return _answer(sandbox_error(f"invalid request: {exc.message}", pod=pod))
+            except CapacityExhausted:
+                raise  # nothing ran (the server is stopping): a 504, which verl sends again
             except OrchestratorError as exc:
                 return _answer(sandbox_error(f"the sandbox failed: {exc.message}", pod=pod))
     except Saturated:
@@ -152,6 +154,10 @@ async def _cells(body: RunJupyterRequest, session: Session, services: ServicesDe
                 break
             limit = min(body.cell_timeout or remaining, remaining, longest)
             result = await manager.execute_in(session, code, files, limit)
+            if result.outcome == "interrupted":
+                # Only a stopping server interrupts these kernels: every request has a fresh one, so a
+                # 504 (which verl sends again) loses nothing, where a cut-short "Success" would score wrong.
+                raise Saturated("the server is restarting; send the request again", retry_after=1)
             files = None
             cells.append(to_cell(result))
             if result.outcome == "timeout":
@@ -164,6 +170,8 @@ async def _cells(body: RunJupyterRequest, session: Session, services: ServicesDe
         if status == "Finished" and body.fetch_files:
             raw = await manager.call(session, "fetch", {"paths": body.fetch_files}, _FETCH_TIMEOUT)
             fetched = FetchResult.model_validate(raw).files
+    except CapacityExhausted as exc:
+        raise Saturated(exc.message, retry_after=exc.retry_after) from exc
     except (OrchestratorError, ValidationError) as exc:
         message = exc.message if isinstance(exc, OrchestratorError) else "the sandbox sent a malformed reply"
         return RunJupyterResponse(status="SandboxError", message=message, cells=cells, executor_pod_name=_pod(session))

@@ -265,23 +265,37 @@ def test_a_stopping_server_answers_running_code_as_interrupted_and_runs_nothing_
     # Without this, the server's shutdown cut the connection of code still running after its grace,
     # and both SDKs sent that code again to the next server, where it ran a second time.
     key = "api-tests-stopping"
-    marker = tmp_path / "running"
+    markers = [tmp_path / "running", tmp_path / "cell"]
     with running_app() as app:
         session_id = app.execute(key, "x = 1")["session_id"]
-        code = f"import pathlib, time\nprint('began')\npathlib.Path({str(marker)!r}).touch()\ntime.sleep(30)"
-        running: dict[str, Any] = {}
-        thread = threading.Thread(
-            target=lambda: running.update(
-                r=app.client.post("/tci/execute", json={"code": code, "session_id": session_id}, headers=auth(key))
-            )
+        code, cell = (
+            f"import pathlib, time\nprint('began')\npathlib.Path({str(marker)!r}).touch()\ntime.sleep(30)"
+            for marker in markers
         )
-        thread.start()
-        wait_until(marker.exists, timeout=20, message="the code to run")
+        running: dict[str, Any] = {}
+        threads = [
+            threading.Thread(
+                target=lambda: running.update(
+                    r=app.client.post("/tci/execute", json={"code": code, "session_id": session_id}, headers=auth(key))
+                )
+            ),
+            # A SandboxFusion reward call: its kernel is fresh each time, so a retry loses nothing.
+            threading.Thread(
+                target=lambda: running.update(jupyter=app.client.post("/run_jupyter", json={"cells": [cell]}))
+            ),
+        ]
+        for thread in threads:
+            thread.start()
+        for marker in markers:
+            wait_until(marker.exists, timeout=20, message="the code to run")
         stopping = app.client.app.stopping  # type: ignore[attr-defined]
         portal = app.client.portal
         assert portal is not None
         portal.call(stopping)
-        thread.join(timeout=30)
+        for thread in threads:
+            thread.join(timeout=30)
+        assert running["jupyter"].status_code == 504, running["jupyter"].text
+        assert running["jupyter"].headers["retry-after"] == "1"
         data = running["r"].json()["data"]
         assert data["outcome"] == "interrupted"
         assert stdout_of(data) == "began\n"

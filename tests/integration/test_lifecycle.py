@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -88,38 +89,59 @@ def test_sigkill_restart_keeps_sessions_and_leaves_nothing_unaccounted(docker_cl
 
 def test_sigterm_answers_running_code_and_the_next_server_does_not_run_it_again(docker_client, run_id, tmp_path):
     # uvicorn cancels what is still open when its shutdown grace ends: the client got a plain 500 and
-    # both SDKs sent the code again to the next server, which ran it a second time.
+    # both SDKs sent the code again to the next server, which ran it a second time; a stream ended
+    # without its result.
     port = _free_port()
     base = f"http://127.0.0.1:{port}/v1/tci"
     code = "import time\nruns.append(1)\nopen('running', 'w').close()\ntime.sleep(60)"
-    answer: dict[str, httpx.Response] = {}
+    answers: dict[str, str | httpx.Response] = {}
+
+    def send(sid: str) -> None:
+        answers["json"] = httpx.post(
+            f"{base}/execute", json={"code": code, "session_id": sid}, headers=AUTH, timeout=60
+        )
+
+    def stream(sid: str) -> None:
+        headers = {**AUTH, "Accept": "text/event-stream"}
+        body = {"code": code, "session_id": sid}
+        with httpx.stream("POST", f"{base}/execute", json=body, headers=headers, timeout=60) as response:
+            answers["stream"] = response.read().decode()
+
     with open(tmp_path / "server.log", "wb") as log:
         first = _serve(run_id, port, log)
         try:
-            sid = httpx.post(f"{base}/execute", json={"code": "runs = []"}, headers=AUTH, timeout=60).json()["data"][
-                "session_id"
+            sids = [
+                httpx.post(f"{base}/execute", json={"code": "runs = []"}, headers=AUTH, timeout=60).json()["data"][
+                    "session_id"
+                ]
+                for _ in range(2)
             ]
-            (container,) = our_containers(docker_client, run_id)
-            sender = threading.Thread(
-                target=lambda: answer.update(
-                    r=httpx.post(f"{base}/execute", json={"code": code, "session_id": sid}, headers=AUTH, timeout=60)
-                )
-            )
-            sender.start()
-            wait_for(lambda: container.exec_run("test -e /workspace/running").exit_code == 0, 30, "the code to run")
+            containers = our_containers(docker_client, run_id)
+            senders = [threading.Thread(target=send, args=(sids[0],)), threading.Thread(target=stream, args=(sids[1],))]
+            for sender in senders:
+                sender.start()
+            for container in containers:
+                wait_for(lambda c=container: c.exec_run("test -e /workspace/running").exit_code == 0, 30, "the code")
             first.send_signal(signal.SIGTERM)
-            sender.join(timeout=30)
+            for sender in senders:
+                sender.join(timeout=30)
             first.wait(timeout=30)  # uvicorn ends by raising the signal again: -15
         finally:
             if first.poll() is None:
                 first.kill()
                 first.wait()
-        response = answer["r"]
+        response = answers["json"]
+        assert isinstance(response, httpx.Response)
         assert response.status_code == 200, response.text
         assert response.json()["data"]["outcome"] == "interrupted"
+        streamed = answers["stream"]
+        assert isinstance(streamed, str)
+        result = streamed.split("event: result\ndata: ", 1)[1].split("\n", 1)[0]
+        assert json.loads(result)["data"]["outcome"] == "interrupted"
         second = _serve(run_id, port, log)
         try:
-            assert _stdout(base, sid, "print(runs)") == "[1]\n"
+            for sid in sids:
+                assert _stdout(base, sid, "print(runs)") == "[1]\n"
         finally:
             second.terminate()
             second.wait(timeout=30)
