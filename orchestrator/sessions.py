@@ -245,6 +245,11 @@ class SessionManager:
         await self.reconcile()
         await self.pool.start()
 
+    @property
+    def stopping(self) -> bool:
+        """Whether the server is stopping (``stop_executes`` was called): nothing new is taken."""
+        return self._stopping
+
     async def stop_executes(self) -> None:
         """The server is about to stop: interrupt the executes that run, refuse those that wait (429).
 
@@ -445,7 +450,7 @@ class SessionManager:
         session = self._sessions.get(session_id) if looks_like_session_id(session_id) else None
         now = self._clock()
         if session is None or session.claim.tenant != tenant or not session.listed or not self._alive(session, now):
-            raise SessionNotFound(f"Session {session_id} not found or expired", param="session_id")
+            raise SessionNotFound(f"Session {session_id!r} not found or expired", param="session_id")
         return session
 
     async def _new_session(self, tenant: str) -> Session:

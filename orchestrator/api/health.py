@@ -20,8 +20,10 @@ async def healthz() -> TCIJSONResponse:
 
 @router.get("/readyz")
 async def readyz(services: ServicesDep) -> TCIJSONResponse:
-    """The engine answers and the sandbox image is present (503 otherwise)."""
+    """The engine answers, the sandbox image is present and the server is not stopping (503 otherwise)."""
     checks: dict[str, object] = {}
+    if services.manager.stopping:
+        checks["server"] = "stopping"  # load balancers send new work elsewhere while executes finish
     try:
         await services.backend.ping()
         checks["engine"] = "ok"
@@ -30,7 +32,7 @@ async def readyz(services: ServicesDep) -> TCIJSONResponse:
         checks["engine"] = f"unreachable: {exc.message}"
     pool = services.manager.pool
     checks["pool"] = {"ready": pool.ready_count, "target": pool.size}
-    ready = checks.get("engine") == "ok" and checks.get("image") == "ok"
+    ready = checks.get("engine") == "ok" and checks.get("image") == "ok" and "server" not in checks
     return TCIJSONResponse(
         {"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503
     )

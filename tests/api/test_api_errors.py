@@ -160,6 +160,10 @@ def test_unknown_and_foreign_sessions_are_the_same_404(app: App, victim: str, no
     foreign = attempt(KEY_B, victim)
     malformed = attempt(KEY_A, "../../etc/passwd")
     assert made_up == foreign == malformed
+    assert made_up["error"]["message"] == "Session '<id>' not found or expired"
+    # An empty id is named too (the message read "Session  not found").
+    empty = app.client.post("/tci/execute", json={"code": nothing_ran.code, "session_id": ""}, headers=auth(KEY_A))
+    assert check_error(empty, 404, "session_not_found")["error"]["message"] == "Session '' not found or expired"
     nothing_ran.check()
 
 

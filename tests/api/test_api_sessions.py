@@ -300,6 +300,7 @@ def test_a_stopping_server_answers_running_code_as_interrupted_and_runs_nothing_
         assert data["outcome"] == "interrupted"
         assert stdout_of(data) == "began\n"
         assert "the server was stopped while this code ran" in data["outputs"][-1]["data"]
+        assert app.client.get("/readyz").status_code == 503  # load balancers send new work elsewhere
         before = app.snapshot()
         for body in ({"code": "x = 2", "session_id": session_id}, {"code": "x = 2"}):
             refused = app.client.post("/tci/execute", json=body, headers=auth(key))
