@@ -450,7 +450,7 @@ class SessionManager:
         session = self._sessions.get(session_id) if looks_like_session_id(session_id) else None
         now = self._clock()
         if session is None or session.claim.tenant != tenant or not session.listed or not self._alive(session, now):
-            raise SessionNotFound(f"Session {session_id!r} not found or expired", param="session_id")
+            raise _not_found(session_id)
         return session
 
     async def _new_session(self, tenant: str) -> Session:
@@ -547,7 +547,7 @@ class SessionManager:
                 raise _restarting()
             # A session made for this request runs its first code even if starting it took long.
             if not fresh and not self._alive(session, self._clock()):
-                raise SessionNotFound(f"Session {session.session_id} not found or expired", param="session_id")
+                raise _not_found(session.session_id)
             if session.client.closed:
                 await self._reconnect(session)
             yield
@@ -697,6 +697,10 @@ class SessionManager:
             if session.sandbox.sandbox_id == sandbox_id:
                 return session
         return None
+
+
+def _not_found(session_id: str) -> SessionNotFound:
+    return SessionNotFound(f"Session {session_id!r} not found or expired", param="session_id")
 
 
 def _restarting() -> CapacityExhausted:
