@@ -108,30 +108,50 @@ def test_tenant_cap_refuses_new_sessions_with_429(tmp_path: Path) -> None:
 
 
 class _Retries:
-    """Executes sent to the session layer directly, each with a client that has or has not left."""
+    """Executes sent to the session layer directly, each with a client that has or has not left.
 
-    def __init__(self, app: App, key: str) -> None:
+    In one session made for them, or, ``fresh``, each in a new session unless it names one.
+    """
+
+    def __init__(self, app: App, key: str, *, fresh: bool = False) -> None:
         self.app = app
         self.key = key
         services = app.client.app_state["services"]
         self.manager = services.manager
         self.tenant = services.authenticator.tenant_for(f"Bearer {key}")
-        self.session_id = app.execute(key, "ran = []")["session_id"]
+        self.session_id: str | None = None if fresh else app.execute(key, "ran = []")["session_id"]
 
-    def send(self, code: str, gone: Callable[[], bool]) -> Any:
+    def send(self, code: str, gone: Callable[[], bool], session_id: str | None = None) -> Any:
         """Start an execute; its concurrent future."""
 
         async def left() -> bool:
             return gone()
 
-        call = functools.partial(self.manager.execute, self.tenant, self.session_id, code, None, 20.0, None, gone=left)
+        target = session_id or self.session_id
+        call = functools.partial(self.manager.execute, self.tenant, target, code, None, 20.0, None, gone=left)
         portal = self.app.client.portal
         assert portal is not None
         return portal.start_task_soon(call)
 
     def started(self, name: str) -> bool:
-        path = f"/tci/sessions/{self.session_id}/files/{name}"
+        """Whether the code has written ``name`` (``fresh``: in the tenant's first listed session)."""
+        session_id = self.session_id
+        if session_id is None:
+            # Raw: a new session is listed (with no execute counted yet) while its first execute runs.
+            listed = self.app.client.get("/tci/sessions", headers=auth(self.key)).json()["data"]["sessions"]
+            if not listed:
+                return False
+            session_id = listed[0]["id"]
+        path = f"/tci/sessions/{session_id}/files/{name}"
         return self.app.client.get(path, headers=auth(self.key)).status_code == 200
+
+    def abandoned(self, code: str, marker: str, wait_until: Waiter) -> Any:
+        """Send ``code`` and, once it has written ``marker``, let its client go (as an SDK that timed out)."""
+        left = threading.Event()
+        first = self.send(code, left.is_set)
+        wait_until(lambda: self.started(marker), timeout=20, message="the first attempt to start")
+        left.set()
+        return first
 
     def ran(self) -> str:
         return stdout_of(self.app.execute(self.key, "print(ran)", self.session_id))
@@ -146,10 +166,7 @@ def test_a_retry_of_an_execute_whose_client_left_waits_for_it_instead_of_running
     app: App, wait_until: Waiter
 ) -> None:
     retries = _Retries(app, "api-tests-retry-join")
-    left = threading.Event()
-    first = retries.send(_slow("a"), left.is_set)
-    wait_until(lambda: retries.started("a"), timeout=20, message="the first attempt to start")
-    left.set()  # its client timed out: the SDK sends the same code again
+    first = retries.abandoned(_slow("a"), "a", wait_until)  # its SDK then sends the same code again
     retry = retries.send(_slow("a"), lambda: False)
     assert retry.result(timeout=30) is first.result(timeout=30)
     assert retries.ran() == "[1]\n"
@@ -178,12 +195,9 @@ def test_the_same_code_sent_twice_by_clients_still_waiting_runs_twice(app: App, 
 
 def test_the_same_code_after_an_interrupt_is_a_new_request(app: App, wait_until: Waiter) -> None:
     retries = _Retries(app, "api-tests-retry-interrupt")
-    left = threading.Event()
     # The marker comes after more than a second of running: an answer so late could have gone unread.
     code = "import time\nran.append(1)\ntime.sleep(1.1)\nopen('d', 'w').close()\ntime.sleep(30 if len(ran) == 1 else 0)"
-    first = retries.send(code, left.is_set)
-    wait_until(lambda: retries.started("d"), timeout=20, message="the first attempt to start")
-    left.set()
+    first = retries.abandoned(code, "d", wait_until)
     path = f"/tci/sessions/{retries.session_id}/interrupt"
     assert app.client.post(path, headers=auth(retries.key)).json()["data"]["interrupted"] is True
     assert first.result(timeout=30).outcome == "interrupted"
@@ -194,67 +208,23 @@ def test_the_same_code_after_an_interrupt_is_a_new_request(app: App, wait_until:
 
 def test_a_retry_of_a_new_session_execute_whose_client_left_gets_that_session(app: App, wait_until: Waiter) -> None:
     # Without a session id: the retry would otherwise start a second session and run the code there.
-    key = "api-tests-retry-fresh"
-    services = app.client.app_state["services"]
-    tenant = services.authenticator.tenant_for(f"Bearer {key}")
-    portal = app.client.portal
-    assert portal is not None
-    left = threading.Event()
+    retries = _Retries(app, "api-tests-retry-fresh", fresh=True)
     code = "import time\nopen('e', 'w').close()\ntime.sleep(1.2)\nprint('done')"
-
-    def send(gone: Callable[[], bool]) -> Any:
-        async def asked() -> bool:
-            return gone()
-
-        return portal.start_task_soon(
-            functools.partial(services.manager.execute, tenant, None, code, None, 20.0, None, gone=asked)
-        )
-
-    first = send(left.is_set)
-
-    def started() -> bool:
-        # Raw: the session is listed (with no execute counted yet) while its first execute runs.
-        listed = app.client.get("/tci/sessions", headers=auth(key)).json()["data"]["sessions"]
-        path = f"/tci/sessions/{listed[0]['id']}/files/e" if listed else None
-        return path is not None and app.client.get(path, headers=auth(key)).status_code == 200
-
-    wait_until(started, timeout=20, message="the first attempt to start")
-    left.set()
-    retry = send(lambda: False)
+    first = retries.abandoned(code, "e", wait_until)
+    retry = retries.send(code, lambda: False)
     assert retry.result(timeout=30) is first.result(timeout=30)
-    assert [s["id"] for s in app.sessions(key)] == [first.result().session_id]
+    assert [s["id"] for s in app.sessions(retries.key)] == [first.result().session_id]
 
 
 def test_a_retried_new_session_execute_is_not_answered_again_by_its_session_id(app: App, wait_until: Waiter) -> None:
     # The retry (no session id) gets the abandoned run's answer; the same code sent next with the
     # session id that answer carried is a new request and runs.
-    key = "api-tests-retry-fresh-once"
-    services = app.client.app_state["services"]
-    tenant = services.authenticator.tenant_for(f"Bearer {key}")
-    portal = app.client.portal
-    assert portal is not None
-    left = threading.Event()
+    retries = _Retries(app, "api-tests-retry-fresh-once", fresh=True)
     code = "import time\nopen('runs', 'a').write('x')\ntime.sleep(1.2)\nprint(len(open('runs').read()))"
-
-    def send(session_id: str | None, gone: Callable[[], bool]) -> Any:
-        async def asked() -> bool:
-            return gone()
-
-        call = functools.partial(services.manager.execute, tenant, session_id, code, None, 20.0, None, gone=asked)
-        return portal.start_task_soon(call)
-
-    first = send(None, left.is_set)
-
-    def started() -> bool:
-        listed = app.client.get("/tci/sessions", headers=auth(key)).json()["data"]["sessions"]
-        path = f"/tci/sessions/{listed[0]['id']}/files/runs" if listed else None
-        return path is not None and app.client.get(path, headers=auth(key)).status_code == 200
-
-    wait_until(started, timeout=20, message="the first attempt to start")
-    left.set()
+    first = retries.abandoned(code, "runs", wait_until)
     answer = first.result(timeout=30)
-    assert send(None, lambda: False).result(timeout=30) is answer
-    again = send(answer.session_id, lambda: False).result(timeout=30)
+    assert retries.send(code, lambda: False).result(timeout=30) is answer
+    again = retries.send(code, lambda: False, answer.session_id).result(timeout=30)
     assert again is not answer
     assert again.outputs == [{"type": "stdout", "data": "2\n"}]
 
