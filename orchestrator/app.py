@@ -46,9 +46,10 @@ class App(FastAPI):
     """FastAPI, with a few ``POST`` routes served straight from here (``direct``).
 
     For the hottest route, the layers FastAPI and Starlette wrap around every request (telemetry,
-    error and exception middleware, the exit stack, routing) were about a tenth of the orchestrator's
-    CPU per execute. A direct route brings the app's own edge middleware with it and renders errors
-    with the one handler; FastAPI still describes it (OpenAPI) and answers its other methods.
+    error and exception middleware, the exit stack, routing) were the largest share of the
+    orchestrator's Python work per execute in a profile. A direct route brings the app's own edge
+    middleware with it and renders errors with the one handler; FastAPI still describes it (OpenAPI)
+    and answers its other methods.
     """
 
     def __init__(self, **kwargs: Any) -> None:
