@@ -100,6 +100,18 @@ CORPUS: list[tuple[str, str]] = [
         "history-record",
         "hm = get_ipython().history_manager\nprint(any(hm.outputs.values()), bool(hm.exceptions))",
     ),
+    ("capture-shell", "%%capture captured\n!echo hidden\n%pip --version"),
+    ("captured-shell-text", "print(captured.stdout.replace('\\r\\n', '\\n').splitlines()[0])"),
+    (
+        "redirect-shell",
+        "import contextlib, io\nbuf = io.StringIO()\nwith contextlib.redirect_stdout(buf):\n    !echo into buffer\n"
+        "print(repr(buf.getvalue().strip()))",
+    ),
+    ("wide-frame", "import numpy as np\npd.DataFrame(np.arange(60).reshape(2, 30))"),
+    ("wide-frame-print", "print(pd.DataFrame(np.arange(75).reshape(3, 25)))"),
+    ("breakpoint", "breakpoint()\nprint('after breakpoint')"),
+    ("exception-group", "raise ExceptionGroup('many', [ValueError('a'), TypeError('b')])"),
+    ("stderr-then-stdout", "import sys\nprint('e1', file=sys.stderr)\nprint('e2', file=sys.stderr)\nprint('o1')"),
     # Last but one: a Jupyter kernel warns later about the coroutine it never awaited.
     ("asyncio-run", "import asyncio\nasync def f():\n    return 7\nprint(asyncio.run(f()))"),
     ("exit", "exit()"),
@@ -136,7 +148,7 @@ Outputs = list[dict[str, Any]]
 
 # Cells whose stdout and stderr interleave by chance in both kernels (no flush between them): each
 # stream's text must match, not the order of the two.
-UNORDERED = {"interleave"}
+UNORDERED = {"interleave", "stderr-then-stdout"}
 # Cells whose order is a race in ipykernel alone: a child's output reaches that kernel through a thread
 # forwarding the pipe, and can land after what the cell printed next (seen once under CI load). The
 # interpreter must show the order the cell produced; Jupyter the same text, in any order.
@@ -178,6 +190,14 @@ INTENDED: dict[str, tuple[str, Callable[[Outputs, Outputs], bool]]] = {
     "shell-background": (
         "`!cmd &` returns when the shell exits (ipykernel refuses it); the runner stops the rest at the end",
         lambda jupyter, lean: _texts(lean, "stdout") == "returned\n" and "stopped" in _texts(lean, "stderr"),
+    ),
+    "exception-group": (
+        "an exception group is the cell's error output (IPython prints Python's traceback of it to stderr)",
+        lambda jupyter, lean: (
+            [o["type"] for o in lean] == ["error"]
+            and "ExceptionGroup: many (2 sub-exceptions)" in _texts(jupyter, "stderr")
+            and "ExceptionGroup: many (2 sub-exceptions)" in lean[0]["data"]
+        ),
     ),
     "input": ("the interpreter raises it, not ipykernel", _same_error_other_frame),
     "getpass": ("the interpreter raises it, not ipykernel", _same_error_other_frame),
@@ -264,6 +284,9 @@ def test_the_interpreter_shows_what_a_jupyter_kernel_shows(results: dict[str, An
     if cell in UNORDERED:
         for kind in ("stdout", "stderr"):
             assert _texts(lean, kind) == _texts(jupyter, kind)
+        # The interpreter sends a stream's first lines only after what the other stream printed before them.
+        if cell == "stderr-then-stdout":
+            assert [o["type"] for o in lean] == ["stderr", "stdout"], lean
         return
     if cell in CAUSAL:
         assert lean == [{"type": "stdout", "data": CAUSAL[cell]}]

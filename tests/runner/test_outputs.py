@@ -186,6 +186,23 @@ async def test_shell_escape_keeps_stderr_apart(runner):
     assert result.text("stderr") == "to-err\n"
 
 
+async def test_a_redirected_cell_gets_its_shell_escapes_output(runner):
+    # %%capture (a common way to hide install noise) and redirect_stdout catch `!cmd` as in ipykernel.
+    captured = await runner.execute("%%capture cap\n!echo out; echo err >&2\n%pip --version")
+    assert captured.outcome == "ok"
+    assert captured.outputs == []
+    shown = await runner.execute("print(repr(cap.stdout[:4]), repr(cap.stderr))")
+    assert shown.outputs == [{"type": "stdout", "data": "'out\\n' 'err\\n'\n"}]
+    # A command the shell left running keeps the pipe open: the escape still returns when the shell exits.
+    background = await runner.execute(
+        "import contextlib, io\nbuf = io.StringIO()\nwith contextlib.redirect_stdout(buf):\n"
+        "    !(sleep 600; echo late) & echo now\nprint(repr(buf.getvalue()))",
+        timeout=30,
+    )
+    assert background.outcome == "ok", background.outputs
+    assert background.text("stdout") == "'now\\n'\n"
+
+
 async def test_uploaded_script_runs_through_the_shell(runner):
     script = "import sys\nprint('script says', sys.argv[1:])\n"
     result = await runner.execute("!python myscript.py one two", files=[{"name": "myscript.py", "content": script}])

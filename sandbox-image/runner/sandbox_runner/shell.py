@@ -4,25 +4,30 @@ What ipykernel's ``ZMQInteractiveShell`` changes in IPython is done here the sam
 shows what it shows in a Jupyter kernel: displays and results as MIME bundles, tracebacks as error
 outputs, ``input()`` refused, pager output dropped, the environment variables ipykernel sets. What
 differs on purpose is listed in PROTOCOL.md ("Interpreter"). Shell escapes (``!cmd``) write straight
-into the captured file descriptors, and the shell's children run at the lowest priority.
+into the captured file descriptors (or, while a cell redirects ``sys.stdout``/``sys.stderr``, as with
+``%%capture``, into those streams, as ipykernel's do), and the shell's children run at the lowest priority.
 """
 
 from __future__ import annotations
 
 import builtins
+import codecs
 import contextlib
 import functools
 import getpass
 import importlib.util
 import os
+import selectors
 import signal
 import struct
 import subprocess
+import sys
 import tempfile
+import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 from IPython.core import page
 from IPython.core.compilerop import CachingCompiler
@@ -95,6 +100,10 @@ class LeanShell(InteractiveShell):
     autoindent = CBool(False)
     # Where outputs go; set by build() before any cell runs.
     capture: Capture
+    # pandas takes a shell without this attribute for a terminal, and then formats frames to the
+    # terminal's width instead of a notebook's 20 columns (``display.max_columns``). There is no
+    # kernel object to offer: code that uses one gets None and fails as it would without.
+    kernel = None
 
     def init_environment(self) -> None:
         # ipykernel's: colour for tools that look at the terminal, and no pagers (nothing could page).
@@ -152,6 +161,27 @@ class LeanShell(InteractiveShell):
             if record is not None:
                 record.clear()
 
+    def showtraceback(
+        self,
+        exc_tuple: Any = None,
+        filename: str | None = None,
+        tb_offset: int | None = None,
+        exception_only: bool = False,
+        running_compiled_code: bool = False,
+    ) -> None:
+        # IPython cannot format exception groups and prints Python's traceback to stderr instead, which
+        # made the cell's error a second time (interpreter.py sends any error IPython did not): the
+        # same text goes out once, as the error output.
+        try:
+            etype, value, tb = self._get_exc_info(exc_tuple)  # type: ignore[no-untyped-call]
+        except ValueError:
+            etype = value = tb = None
+        if not exception_only and _holds_group(value) and etype is not None and not issubclass(etype, SyntaxError):
+            stb = "".join(traceback.format_exception(etype, value, tb)).rstrip("\n").split("\n")
+            self._showtraceback(etype, value, stb)
+            return
+        super().showtraceback(exc_tuple, filename, tb_offset, exception_only, running_compiled_code)
+
     def _showtraceback(self, etype: type[BaseException], evalue: BaseException, stb: list[str]) -> None:
         self.send_error(etype.__name__, str(evalue), stb)
         self._last_traceback = stb
@@ -168,7 +198,15 @@ class LeanShell(InteractiveShell):
         still writes: that goes on into the pipes, and the runner stops it when the execute ends.
         """
         # depth=1: names in the cell's frame (a function's locals) expand as in ipykernel's own method.
-        exit_code = run_shell(self.var_expand(cmd, depth=1))  # type: ignore[no-untyped-call]
+        expanded = self.var_expand(cmd, depth=1)  # type: ignore[no-untyped-call]
+        # A cell that redirected a stream (%%capture, contextlib.redirect_stdout) gets the command's
+        # output there, as from ipykernel, which reads it and writes it to sys.stdout.
+        redirected = {
+            name: stream
+            for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr))
+            if stream is not self.capture.streams[name]
+        }
+        exit_code = run_shell(expanded, redirected)
         # Its output waits in the pipes: read it now, or a print after it in the other stream (its
         # exit code, say) could be sent first when the output thread is slow to run.
         self.capture.after_child()
@@ -197,6 +235,7 @@ def build(capture: Capture) -> LeanShell:
     shell.capture = capture
     builtins.input = _no_input
     getpass.getpass = _no_getpass
+    sys.breakpointhook = _no_breakpoint
     _track_children(shell)
     return shell
 
@@ -257,19 +296,28 @@ def murmur2_x86(data: str, seed: int) -> int:
     return h ^ (h >> 15)
 
 
-def run_shell(cmd: str) -> int:
-    """Run ``cmd`` with ``/bin/sh`` in a session of its own; its exit status."""
+def run_shell(cmd: str, into: dict[str, IO[str]] | None = None) -> int:
+    """Run ``cmd`` with ``/bin/sh`` in a session of its own; its exit status.
+
+    ``into``: streams (``stdout``, ``stderr``) whose output is read and written to the given Python
+    streams; the others write straight into the interpreter's descriptors.
+    """
+    into = into or {}
     proc = subprocess.Popen(  # noqa: S602 - a shell escape is a shell command by definition
         cmd,
         shell=True,
         executable="/bin/sh",
         stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if "stdout" in into else None,
+        stderr=subprocess.PIPE if "stderr" in into else None,
         start_new_session=True,
         # Lowered before exec (one system call, so safe beside the output thread): a quick command
         # would otherwise have run, or forked, before the Popen hook lowers it.
         preexec_fn=lower_priority,
     )
     try:
+        if into:
+            _relay(proc, into)
         return proc.wait()
     except KeyboardInterrupt:
         with contextlib.suppress(ProcessLookupError):
@@ -281,6 +329,50 @@ def run_shell(cmd: str) -> int:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         raise
+
+
+def _relay(proc: subprocess.Popen[bytes], into: dict[str, IO[str]]) -> None:
+    """Write what ``proc`` writes to its pipes to the streams of ``into`` until the shell has exited.
+
+    What it left in the background may go on writing; once the shell is gone and the pipes are empty,
+    they are closed (as ``!cmd &`` returns when the shell exits).
+    """
+    pipes = [(pipe, into[name]) for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)) if pipe]
+    targets = {
+        pipe.fileno(): (stream, codecs.getincrementaldecoder("utf-8")(errors="replace")) for pipe, stream in pipes
+    }
+    with selectors.DefaultSelector() as selector:
+        for pipe, _ in pipes:
+            selector.register(pipe, selectors.EVENT_READ)
+        while selector.get_map():
+            exited = proc.poll() is not None
+            ready = selector.select(timeout=0 if exited else 0.1)
+            for key, _ in ready:
+                data = os.read(key.fd, 65536)
+                if data:
+                    stream, decoder = targets[key.fd]
+                    stream.write(decoder.decode(data))
+                else:
+                    selector.unregister(key.fileobj)
+            if exited and not ready:
+                break
+    for pipe, _ in pipes:
+        stream, decoder = targets[pipe.fileno()]
+        stream.write(decoder.decode(b"", final=True))
+        pipe.close()
+
+
+def _holds_group(error: BaseException | None) -> bool:
+    """Whether ``error`` or an exception it was raised while handling is an exception group."""
+    while error is not None:
+        if isinstance(error, BaseExceptionGroup):
+            return True
+        error = error.__context__
+    return False
+
+
+def _no_breakpoint(*_: Any, **__: Any) -> None:
+    """``breakpoint()``: nothing, as in a Jupyter kernel with no debugger attached (pdb would ask for input)."""
 
 
 def lower_priority() -> None:
