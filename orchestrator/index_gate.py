@@ -3,8 +3,13 @@
 A sandbox has no network interface but loopback. Beside its runner socket, in the same read-only
 directory, each sandbox gets ``index.sock``; the runner relays pip's HTTP from ``127.0.0.1:3141``
 inside the sandbox to it. This gate answers there. It lets through exactly ``GET``/``HEAD`` of
-``/simple/<project>/`` and of the files those pages link to, forwards them to the package cache
-(``package_cache.py``, which alone talks to the upstream index), and counts each session's bytes.
+``/simple/<project>/`` and ``GET`` of the files those pages link to (pip never asks for a file's head,
+and answering one would have the cache fetch the whole file unbilled), forwards them to the package
+cache (``package_cache.py``, which alone talks to the upstream index), and counts each session's bytes:
+a file's whole length as soon as the cache answers, since the cache has fetched it by then, and what it
+refused a session for its limit too, up to that limit again. A sandbox holds at most
+``_MAX_CONNECTIONS`` connections, idle ones close, and all close with it: a sandbox cannot fill the
+orchestrator's file descriptors through its socket.
 Index pages pip asks for reach it trimmed to the files its interpreter could install
 (``index_pages.py``).
 Everything else is refused with a status whose reason phrase says why: pip prints it.
@@ -21,7 +26,7 @@ import contextlib
 import re
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -50,6 +55,10 @@ _PATH = re.compile(
 # Response headers worth passing on; hop-by-hop ones and the cache's own are dropped.
 _PASS_HEADERS: Final = ("Content-Type", "Content-Length", "Content-Encoding", "ETag", "Last-Modified", "Vary")
 _CHUNK: Final = 64 * 1024
+# Connections one sandbox may hold open (pip uses one or two at a time); more are closed at once.
+_MAX_CONNECTIONS: Final = 16
+# A connection idle this long (or that never sent a request) is closed.
+_IDLE_SECONDS: Final = 30.0
 # Index pages up to this size are read whole to be trimmed (numpy's is 1.1 MiB); larger ones pass
 # as they are: parsing holds the interpreter lock, whatever thread it runs on.
 _MAX_PAGE_BYTES: Final = 4 * MiB
@@ -63,19 +72,47 @@ def cache_path(method: str, raw_path: str) -> str | None:
     if method not in {"GET", "HEAD"}:
         return None
     match = _PATH.match(raw_path)
-    if match is None or ".." in raw_path:
+    if match is None or ".." in raw_path or (method == "HEAD" and match["file"]):
         return None
     return f"/index/{match['project']}/{match['file'] or ''}"
 
 
 @dataclass
 class _Budget:
-    """One session's allowance: bytes over its life, requests at once."""
+    """One session's allowance: bytes over its life, requests at once; its open connections."""
 
     slots: asyncio.Semaphore
     site: web.UnixSite
     path: str
     used: int = 0
+    # Bytes of files the cache fetched but the session was refused (its limit): bounded too.
+    refused: int = 0
+    connections: set[asyncio.Transport] = field(default_factory=set)
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, holding each sandbox to ``_MAX_CONNECTIONS`` open connections."""
+
+    def __init__(self, gate: IndexGate) -> None:
+        super().__init__(gate.handle, access_log=None, keepalive_timeout=_IDLE_SECONDS)
+        self._gate = gate
+        self._owners: dict[web.RequestHandler, tuple[_Budget, asyncio.Transport]] = {}
+
+    def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        budget = self._gate.budget_of(transport)
+        if budget is None or len(budget.connections) >= _MAX_CONNECTIONS:
+            # Once the handler has finished setting up, as for a client that hung up at once.
+            asyncio.get_running_loop().call_soon(transport.abort)
+            return
+        budget.connections.add(transport)
+        self._owners[handler] = (budget, transport)
+
+    def connection_lost(self, handler: web.RequestHandler, exc: BaseException | None = None) -> None:
+        owner = self._owners.pop(handler, None)
+        if owner is not None:
+            owner[0].connections.discard(owner[1])
+        super().connection_lost(handler, exc)
 
 
 def _refuse(status: int, reason: str) -> web.Response:
@@ -83,7 +120,7 @@ def _refuse(status: int, reason: str) -> web.Response:
     return web.Response(status=status, reason=reason, text=reason + "\n")
 
 
-def _is_page(request: web.Request, path: str) -> bool:
+def _is_page(request: web.BaseRequest, path: str) -> bool:
     return request.method == "GET" and path.endswith("/")
 
 
@@ -106,16 +143,14 @@ class IndexGate:
         self._upstream = settings.cache_url.rstrip("/")
         self._budgets: dict[str, _Budget] = {}
         self._by_path: dict[str, str] = {}
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self._client: aiohttp.ClientSession | None = None
         self._trimmed: OrderedDict[tuple[str, int, int, index_pages.Interpreter], bytes | None] = OrderedDict()
         self._trimmed_bytes = 0
 
     async def start(self) -> None:
         """Open the client and the (socketless) server the per-sandbox sites attach to."""
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.ServerRunner(_Server(self), handle_signals=False)
         await self._runner.setup()
         # Bytes pass through as the cache sent them: Content-Length must match what pip reads.
         self._client = aiohttp.ClientSession(
@@ -154,28 +189,36 @@ class IndexGate:
         self._by_path.pop(budget.path, None)
         with contextlib.suppress(RuntimeError):
             await budget.site.stop()
+        # Stopping the site only stops listening; what the sandbox still holds open goes now.
+        for transport in list(budget.connections):
+            transport.abort()
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    def budget_of(self, transport: asyncio.BaseTransport | None) -> _Budget | None:
+        """The budget of the sandbox whose socket ``transport`` arrived on; None once it has ended."""
+        sockname = transport.get_extra_info("sockname") if transport is not None else None
         key = self._by_path.get(str(sockname))
-        budget = self._budgets.get(key) if key is not None else None
+        return self._budgets.get(key) if key is not None else None
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Answer one request from a sandbox."""
+        budget = self.budget_of(request.transport)
         if budget is None:
             return _refuse(410, "this sandbox has ended")
         path = cache_path(request.method, request.raw_path)
         if path is None:
             return _refuse(403, "only the package index is reachable from a sandbox")
         limit = self._settings.max_download_bytes
-        if budget.used >= limit:
+        if budget.used >= limit or budget.refused >= limit:
             return _refuse(403, f"this session's download limit of {limit // MiB} MiB is used up")
         try:
             async with asyncio.timeout(self._settings.request_timeout_seconds):
                 async with budget.slots:
                     return await self._forward(request, path, budget)
         except TimeoutError:
-            log.warning("index_request_timeout", path=path, session_key=key)
+            log.warning("index_request_timeout", path=path)
             return _refuse(504, f"the package cache did not answer within {self._settings.request_timeout_seconds:g} s")
 
-    async def _forward(self, request: web.Request, path: str, budget: _Budget) -> web.StreamResponse:
+    async def _forward(self, request: web.BaseRequest, path: str, budget: _Budget) -> web.StreamResponse:
         assert self._client is not None
         page_for = index_pages.interpreter_of(request.headers.get("User-Agent")) if _is_page(request, path) else None
         headers = {name: request.headers[name] for name in ("Accept", "Accept-Encoding") if name in request.headers}
@@ -193,18 +236,22 @@ class IndexGate:
                     return _refuse(502, "the package cache could not fetch this file from the upstream index")
                 length = upstream.content_length
                 if length is not None and budget.used + length > limit:
+                    budget.refused += length
                     return _refuse(403, f"this download would exceed the session's limit of {limit // MiB} MiB")
                 if page_for is not None and _trimmable(upstream):
                     return await self._page(path, upstream, page_for, budget)
+                # Known up front: all of it counts now (a client that hangs up early still had it fetched).
+                budget.used += length or 0
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 for name in _PASS_HEADERS:
                     if name in upstream.headers:
                         response.headers[name] = upstream.headers[name]
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_chunked(_CHUNK):
-                    budget.used += len(chunk)
-                    if budget.used > limit:
-                        break  # length unknown up front: cut the transfer, pip reports it broken
+                    if length is None:
+                        budget.used += len(chunk)
+                        if budget.used > limit:
+                            break  # length unknown up front: cut the transfer, pip reports it broken
                     await response.write(chunk)
                 else:
                     await response.write_eof()

@@ -59,7 +59,7 @@ def interpreter_of(user_agent: str | None) -> Interpreter | None:
             return None
         python = _major_minor(implementation["version"])
         glibc = _major_minor(libc["version"])
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # a User-Agent is anyone's to write
         return None
     # Free-threaded builds (3.13t and later) have ABI tags the User-Agent does not tell apart, and
     # CPython before 3.8 had ABI flags (cp37m) that are not generated here.

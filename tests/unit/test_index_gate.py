@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from orchestrator import index_pages
+from orchestrator import index_gate, index_pages
 from orchestrator.backends.channel import SocketChannels
 from orchestrator.backends.docker_spec import container_config, pip_environment
 from orchestrator.index_gate import DISABLED_INDEX_URL, SANDBOX_INDEX_URL, SOCKET_NAME, IndexGate, cache_path
@@ -43,6 +43,8 @@ def anyio_backend() -> str:
     [
         ("GET", "/simple/tabulate/", "/index/tabulate/"),
         ("HEAD", "/simple/tabulate/", "/index/tabulate/"),
+        # pip never asks; the cache would fetch the whole file to answer, and a head carries no bytes to bill.
+        ("HEAD", f"/simple/tabulate/{WHEEL}", None),
         ("GET", f"/simple/tabulate/{WHEEL}", f"/index/tabulate/{WHEEL}"),
         ("GET", f"/simple/tabulate/{WHEEL}.metadata", f"/index/tabulate/{WHEEL}.metadata"),
         ("GET", "/simple/zope-interface/", "/index/zope-interface/"),
@@ -219,8 +221,62 @@ async def test_a_session_cannot_download_more_than_its_budget(
             status, reason, _ = await get(first, f"/simple/tabulate/{WHEEL}")
             assert (status, reason) == (403, "this download would exceed the session's limit of 1 MiB")
             assert (await get(first, "/simple/tabulate/"))[0] == 200
+            # But the cache fetched each refused file: refusals add up to the limit once more, then stop.
+            assert (await get(first, f"/simple/tabulate/{WHEEL}"))[0] == 403
+            status, reason, _ = await get(first, "/simple/tabulate/")
+            assert (status, reason) == (403, "this session's download limit of 1 MiB is used up")
+            assert len(stand_in.requests) == 4  # the last two were refused before reaching the cache
         # Another session's budget is its own.
         assert (await get(other, f"/simple/tabulate/{WHEEL}"))[0] == 200
+    finally:
+        await channels.close_all()
+        await gate.close()
+
+
+async def test_a_file_counts_whole_even_when_the_session_hangs_up_early(cache: tuple[StandIn, str], root: Path) -> None:
+    stand_in, url = cache
+    stand_in.body = b"y" * (700 * 1024)
+    gate, channels = await gate_for(url, root, max_download_bytes=MiB)
+    try:
+        socket = (await channels.open("a")) / SOCKET_NAME
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket))) as client,
+            client.get(f"http://sandbox/simple/tabulate/{WHEEL}") as response,
+        ):
+            assert response.status == 200  # headers only: the body is never read
+        status, reason, _ = await get(socket, f"/simple/tabulate/{WHEEL}")
+        assert (status, reason) == (403, "this download would exceed the session's limit of 1 MiB")
+    finally:
+        await channels.close_all()
+        await gate.close()
+
+
+async def test_a_sandbox_holds_few_connections_and_loses_them_when_it_ends(
+    cache: tuple[StandIn, str], root: Path
+) -> None:
+    _, url = cache
+    gate, channels = await gate_for(url, root)
+    try:
+        socket = (await channels.open("a")) / SOCKET_NAME
+        other = (await channels.open("b")) / SOCKET_NAME
+        held = [await asyncio.open_unix_connection(str(socket)) for _ in range(40)]
+        # Past the cap, connections are closed at once: reading one ends without a byte.
+        closed = 0
+        for reader, _ in held:
+            try:
+                data = await asyncio.wait_for(reader.read(1), timeout=0.2)
+            except TimeoutError:
+                continue  # held open, waiting for a request
+            closed += data == b""
+        assert closed == 40 - index_gate._MAX_CONNECTIONS
+        # The other sandbox's requests are unaffected.
+        assert (await get(other, "/simple/tabulate/"))[0] == 200
+        # Ended: what it still held is closed too, not just the listening socket.
+        await channels.close("a")
+        ends = [await asyncio.wait_for(reader.read(1), timeout=5) for reader, _ in held]
+        assert ends == [b""] * 40
+        for _, writer in held:
+            writer.close()
     finally:
         await channels.close_all()
         await gate.close()

@@ -65,7 +65,7 @@ def test_the_sandbox_pip_is_recognised_and_nothing_else() -> None:
     huge_glibc = SANDBOX_PIP.replace('"version":"2.36"', '"version":"2.150000"')
     odd_cpu = SANDBOX_PIP.replace('"cpu":"x86_64"', '"cpu":"made_up_cpu"')
     for user_agent in (
-        *(None, "", "curl/8.5", "pip/26.3", "pip/26.3 {", "pip/26.3 []"),
+        *(None, "", "curl/8.5", "pip/26.3", "pip/26.3 {", "pip/26.3 []", "pip/1 " + "[" * 4000),
         *(pypy, musl, free_threaded_era, abi_flags_era, huge_glibc, odd_cpu),
     ):
         assert interpreter_of(user_agent) is None, user_agent
