@@ -111,6 +111,8 @@ CORPUS: list[tuple[str, str]] = [
     ("wide-frame-print", "print(pd.DataFrame(np.arange(75).reshape(3, 25)))"),
     ("breakpoint", "breakpoint()\nprint('after breakpoint')"),
     ("exception-group", "raise ExceptionGroup('many', [ValueError('a'), TypeError('b')])"),
+    ("exit-keep-kernel", "exit(keep_kernel=True)\nprint('still here')"),
+    ("after-exit-keep-kernel", "print(y)"),
     ("stderr-then-stdout", "import sys\nprint('e1', file=sys.stderr)\nprint('e2', file=sys.stderr)\nprint('o1')"),
     # Last but one: a Jupyter kernel warns later about the coroutine it never awaited.
     ("asyncio-run", "import asyncio\nasync def f():\n    return 7\nprint(asyncio.run(f()))"),

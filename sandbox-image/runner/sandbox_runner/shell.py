@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from IPython.core import page
+from IPython.core.autocall import ZMQExitAutocall
 from IPython.core.compilerop import CachingCompiler
 from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
 from IPython.core.error import StdinNotImplementedError, UsageError
 from IPython.core.interactiveshell import InteractiveShell
-from traitlets import CBool, Instance, Type
+from traitlets import CBool, Instance, Type, default
 from traitlets.config import Config
 
 from .capture import Capture
@@ -121,9 +122,17 @@ class LeanShell(InteractiveShell):
         if gui not in (None, "inline"):
             raise UsageError(f"GUI event loop {gui!r} is not available: the sandbox has no display")
 
+    # Set by ``exit(keep_kernel=...)``, ipykernel's exiter.
+    keepkernel_on_exit = False
+
+    @default("exiter")
+    def _exiter_default(self) -> ZMQExitAutocall:
+        return ZMQExitAutocall(self)  # type: ignore[no-untyped-call]
+
     def ask_exit(self) -> None:
-        """``exit()`` / ``quit()``: the interpreter ends after this cell (the runner starts a new one)."""
-        self.exit_now = True
+        """``exit()`` / ``quit()``: the interpreter ends after this cell (the runner starts a new one), unless
+        ``exit(keep_kernel=True)``, which goes on, as in ipykernel."""
+        self.exit_now = not self.keepkernel_on_exit
 
     def should_run_async(
         self, raw_cell: str, *, transformed_cell: str | None = None, preprocessing_exc_tuple: Any = None
