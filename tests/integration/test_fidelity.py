@@ -113,6 +113,7 @@ CORPUS: list[tuple[str, str]] = [
     ("exception-group", "raise ExceptionGroup('many', [ValueError('a'), TypeError('b')])"),
     ("exit-keep-kernel", "exit(keep_kernel=True)\nprint('still here')"),
     ("after-exit-keep-kernel", "print(y)"),
+    ("gui-magic", "%gui tk\nimport logging\nlogging.getLogger('after-gui').warning('unconfigured')"),
     ("stderr-then-stdout", "import sys\nprint('e1', file=sys.stderr)\nprint('e2', file=sys.stderr)\nprint('o1')"),
     # Last but one: a Jupyter kernel warns later about the coroutine it never awaited.
     ("asyncio-run", "import asyncio\nasync def f():\n    return 7\nprint(asyncio.run(f()))"),
@@ -199,6 +200,14 @@ INTENDED: dict[str, tuple[str, Callable[[Outputs, Outputs], bool]]] = {
             [o["type"] for o in lean] == ["error"]
             and "ExceptionGroup: many (2 sub-exceptions)" in _texts(jupyter, "stderr")
             and "ExceptionGroup: many (2 sub-exceptions)" in lean[0]["data"]
+        ),
+    ),
+    "gui-magic": (
+        "`%gui <toolkit>` says on stderr that there is no display (written there: logging.error would configure"
+        " the root logger for the rest of the session)",
+        lambda jupyter, lean: (
+            _texts(lean, "stderr")
+            == "GUI event loop 'tk' is not available: the sandbox has no display\n" + _texts(jupyter, "stderr")
         ),
     ),
     "input": ("the interpreter raises it, not ipykernel", _same_error_other_frame),

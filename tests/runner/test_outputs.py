@@ -203,6 +203,16 @@ async def test_a_redirected_cell_gets_its_shell_escapes_output(runner):
     assert background.text("stdout") == "'now\\n'\n"
 
 
+async def test_a_gui_magic_says_there_is_no_display_and_leaves_logging_unconfigured(fresh_runner):
+    said = await fresh_runner.execute("%gui tk")
+    assert said.outputs == [
+        {"type": "stderr", "data": "GUI event loop 'tk' is not available: the sandbox has no display\n"}
+    ]
+    # Through logging.error, the root logger would have a handler, and the cell's basicConfig would do nothing.
+    handlers = await fresh_runner.execute("import logging\nprint(logging.getLogger().handlers)")
+    assert handlers.outputs == [{"type": "stdout", "data": "[]\n"}]
+
+
 async def test_uploaded_script_runs_through_the_shell(runner):
     script = "import sys\nprint('script says', sys.argv[1:])\n"
     result = await runner.execute("!python myscript.py one two", files=[{"name": "myscript.py", "content": script}])

@@ -34,7 +34,7 @@ from IPython.core.autocall import ZMQExitAutocall
 from IPython.core.compilerop import CachingCompiler
 from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
-from IPython.core.error import StdinNotImplementedError, UsageError
+from IPython.core.error import StdinNotImplementedError
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets import CBool, Instance, Type, default
 from traitlets.config import Config
@@ -120,7 +120,9 @@ class LeanShell(InteractiveShell):
 
     def enable_gui(self, gui: str | None = None) -> None:
         if gui not in (None, "inline"):
-            raise UsageError(f"GUI event loop {gui!r} is not available: the sandbox has no display")
+            # Said, not raised: ``%gui`` reports an error through ``logging.error``, which would configure
+            # the root logger for the rest of the session (and so make a later ``logging.basicConfig`` a no-op).
+            sys.stderr.write(f"GUI event loop {gui!r} is not available: the sandbox has no display\n")
 
     # Set by ``exit(keep_kernel=...)``, ipykernel's exiter.
     keepkernel_on_exit = False
