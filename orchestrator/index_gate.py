@@ -6,8 +6,9 @@ inside the sandbox to it. This gate answers there. It lets through exactly ``GET
 ``/simple/<project>/`` and ``GET`` of the files those pages link to (pip never asks for a file's head,
 and answering one would have the cache fetch the whole file unbilled), forwards them to the package
 cache (``package_cache.py``, which alone talks to the upstream index), and counts each session's bytes:
-a file's whole length as soon as the cache answers, since the cache has fetched it by then, and what it
-refused a session for its limit too, up to that limit again. A sandbox holds at most
+a file's whole length as soon as the cache answers, since the cache has fetched it by then; files it
+refused a session for its limit (each once) may add up to ``_REFUSED_ALLOWANCE`` times the limit, after
+which files are refused before the cache is asked. A sandbox holds at most
 ``_MAX_CONNECTIONS`` connections, idle ones close, and all close with it: a sandbox cannot fill the
 orchestrator's file descriptors through its socket.
 Index pages pip asks for reach it trimmed to the files its interpreter could install
@@ -59,6 +60,9 @@ _CHUNK: Final = 64 * 1024
 _MAX_CONNECTIONS: Final = 16
 # A connection idle this long (or that never sent a request) is closed.
 _IDLE_SECONDS: Final = 30.0
+# Bytes of files refused for the session's limit (the cache fetched them all the same), as a multiple
+# of the limit: enough for a few packages too large to install, not for fetching the index wholesale.
+_REFUSED_ALLOWANCE: Final = 4
 # Index pages up to this size are read whole to be trimmed (numpy's is 1.1 MiB); larger ones pass
 # as they are: parsing holds the interpreter lock, whatever thread it runs on.
 _MAX_PAGE_BYTES: Final = 4 * MiB
@@ -85,8 +89,9 @@ class _Budget:
     site: web.UnixSite
     path: str
     used: int = 0
-    # Bytes of files the cache fetched but the session was refused (its limit): bounded too.
+    # Files the cache fetched but the session was refused (its limit), and their bytes: bounded too.
     refused: int = 0
+    refused_paths: set[str] = field(default_factory=set)
     connections: set[asyncio.Transport] = field(default_factory=set)
 
 
@@ -208,8 +213,10 @@ class IndexGate:
         if path is None:
             return _refuse(403, "only the package index is reachable from a sandbox")
         limit = self._settings.max_download_bytes
-        if budget.used >= limit or budget.refused >= limit:
+        if budget.used >= limit:
             return _refuse(403, f"this session's download limit of {limit // MiB} MiB is used up")
+        if not path.endswith("/") and budget.refused >= _REFUSED_ALLOWANCE * limit:
+            return _refuse(403, f"this session was refused too many downloads over its limit of {limit // MiB} MiB")
         try:
             async with asyncio.timeout(self._settings.request_timeout_seconds):
                 async with budget.slots:
@@ -236,7 +243,9 @@ class IndexGate:
                     return _refuse(502, "the package cache could not fetch this file from the upstream index")
                 length = upstream.content_length
                 if length is not None and budget.used + length > limit:
-                    budget.refused += length
+                    if path not in budget.refused_paths:
+                        budget.refused_paths.add(path)
+                        budget.refused += length
                     return _refuse(403, f"this download would exceed the session's limit of {limit // MiB} MiB")
                 if page_for is not None and _trimmable(upstream):
                     return await self._page(path, upstream, page_for, budget)

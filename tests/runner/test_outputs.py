@@ -213,6 +213,40 @@ async def test_a_gui_magic_says_there_is_no_display_and_leaves_logging_unconfigu
     assert handlers.outputs == [{"type": "stdout", "data": "[]\n"}]
 
 
+async def test_a_thread_printing_across_cells_never_blocks_their_end(fresh_runner):
+    started = await fresh_runner.execute(
+        "import threading, time\nspin = True\ndef chatter():\n    while spin:\n        print('x')\n"
+        "        time.sleep(0.0001)\nthreading.Thread(target=chatter, daemon=True).start()"
+    )
+    assert started.outcome == "ok"
+    for _ in range(300):
+        assert (await fresh_runner.execute("pass", timeout=10)).outcome == "ok"
+    assert (await fresh_runner.execute("spin = False")).outcome == "ok"
+
+
+async def test_shell_escapes_with_unusual_streams(runner):
+    # sys.stdout set to None: the command's output goes to the descriptor, as before the cell redirected it.
+    none = await runner.execute("import sys\nsys.stdout = None\n!echo to the descriptor")
+    assert none.text("stdout") == "to the descriptor\n", none.outputs
+    # A stream that refuses the output: the cell fails, and the command does not outlive it.
+    failing = await runner.execute(
+        "import contextlib\nclass Refuses:\n    def write(self, text):\n        raise OSError('no room')\n"
+        "    def flush(self):\n        pass\n"
+        "with contextlib.redirect_stdout(Refuses()):\n    !echo one; sleep 30; echo two"
+    )
+    assert failing.outcome == "error"
+    assert "no room" in failing.text("error")
+    left = await runner.execute("!ps -eo args | grep -c '[s]leep 30'")
+    assert left.text("stdout") == "0\n"
+
+
+async def test_an_error_whose_contexts_form_a_loop_is_reported(runner):
+    result = await runner.execute(
+        "a, b = ValueError('a'), ValueError('b')\na.__context__ = b\nb.__context__ = a\nraise a", timeout=20
+    )
+    assert result.outcome == "error", result.outputs
+
+
 async def test_uploaded_script_runs_through_the_shell(runner):
     script = "import sys\nprint('script says', sys.argv[1:])\n"
     result = await runner.execute("!python myscript.py one two", files=[{"name": "myscript.py", "content": script}])

@@ -4,12 +4,11 @@ What subprocesses, C code and ``os.write`` calls write goes into the pipes; what
 through ``sys.stdout``/``sys.stderr`` (line-buffered), which send it themselves from the printing
 thread: no thread hand-off on the common path. Text that starts to wait in an empty buffer first sends
 what was written before it (the other stream's buffer, both pipes: ``before_hold``), so whatever the
-pipes hold later came after it. Lines printed in a burst, and a cell's first lines, wait in the buffer;
-the output thread sends them before what it then reads from the pipes, and a child process starts only
-once they are sent (``before_child``, hooked by the shell). Before a display, an error or the end of a
-cell, the buffers are sent and then both pipes drained under the channel's lock, so outputs keep the
-order the cell produced them in. The stream caps are applied here, before anything
-is sent.
+pipes hold later came after it. Lines printed in a burst wait in the buffer; the output thread sends
+them before what it then reads from the pipes, and a child process starts only once they are sent
+(``before_child``, hooked by the shell). Before a display, an error or the end of a cell, the buffers
+are sent and then both pipes drained under the channel's lock, so outputs keep the order the cell
+produced them in. The stream caps are applied here, before anything is sent.
 """
 
 from __future__ import annotations
@@ -33,9 +32,8 @@ _FLUSH_INTERVAL: Final = 0.05
 _IDLE_INTERVAL: Final = 0.25
 # Python-level text is sent at a newline or once this many characters wait.
 _BUFFER_CHARS: Final = 8192
-# Lines printed faster than this after the last send or the cell's start wait for more (a print loop;
-# a short cell, whose lines then leave with its end), at most _FLUSH_INTERVAL; an explicit flush()
-# sends at once.
+# Lines printed faster than this after the last send wait for more (a print loop), at most
+# _FLUSH_INTERVAL; an explicit flush() sends at once.
 _COALESCE_SECONDS: Final = 0.001
 _READ_BYTES: Final = 65536
 # Reads of a pipe when it is drained; bounds the wait for a writer that never stops.
@@ -106,11 +104,6 @@ class OutputStream(io.TextIOBase):
             self._write_out()
         finally:
             self._lock.release()
-
-    def hold(self) -> None:
-        """A cell starts: its first lines wait like a burst's (``_COALESCE_SECONDS``), so that a short cell's
-        output leaves with its end."""
-        self._sent_at = time.monotonic()
 
     @property
     def pending(self) -> bool:
@@ -203,8 +196,6 @@ class Capture:
             self.used = dict.fromkeys(STREAMS, 0)
             self.dropped = dict.fromkeys(STREAMS, 0)
             self._active = True
-        for stream in self.streams.values():
-            stream.hold()
 
     def _restore_descriptors(self) -> None:
         for fd, (spare, identity) in self._spares.items():

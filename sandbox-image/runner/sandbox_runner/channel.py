@@ -14,8 +14,6 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from .framing import HEADER, stream_frame
@@ -30,8 +28,6 @@ class InterpreterChannel:
         self._reader = sock.makefile("rb")
         self.max_frame_bytes = max_frame_bytes
         self.lock = threading.RLock()
-        # Frames held by ``batch`` until it ends: written with one system call, read by the runner in one wake-up.
-        self._held: list[bytes] | None = None
         os.register_at_fork(after_in_child=self._forget)
 
     def send(self, message: dict[str, Any]) -> None:
@@ -41,23 +37,8 @@ class InterpreterChannel:
             body = encode(oversized(message, len(body), self.max_frame_bytes))
         self._write(HEADER.pack(len(body)) + body)
 
-    @contextmanager
-    def batch(self) -> Iterator[None]:
-        """Hold every frame sent inside (by any thread: it holds ``lock``) and write them together at the end."""
-        with self.lock:
-            self._held = []
-            try:
-                yield
-            finally:
-                frames, self._held = self._held, None
-                if frames:
-                    self._write(b"".join(frames))
-
     def _write(self, frame: bytes) -> None:
         with self.lock:
-            if self._held is not None:
-                self._held.append(frame)
-                return
             if self._sock is None:
                 return
             # An interrupt landing mid-frame would leave half a frame on the stream (the runner would then
@@ -91,7 +72,6 @@ class InterpreterChannel:
 
     def _forget(self) -> None:
         self._sock = None
-        self._held = None
         self.lock = threading.RLock()
 
 

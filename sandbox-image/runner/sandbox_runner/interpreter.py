@@ -55,18 +55,16 @@ def main() -> None:
         capture.begin()
         _run_cell(shell, code)
         shell.forget_cell_record()
-        # The cell's last lines and its end in one write: a cell that prints costs the runner one wake-up.
-        with channel.batch():
-            dropped = capture.end()
-            channel.send(
-                {
-                    "type": "done",
-                    "cell": cell,
-                    "execution_count": shell.execution_count - 1,
-                    "dropped": dropped,
-                    "exit": bool(shell.exit_now),
-                }
-            )
+        dropped = capture.end()
+        channel.send(
+            {
+                "type": "done",
+                "cell": cell,
+                "execution_count": shell.execution_count - 1,
+                "dropped": dropped,
+                "exit": bool(shell.exit_now),
+            }
+        )
         if shell.exit_now:
             break  # exit() / quit(): the runner starts a new interpreter
 

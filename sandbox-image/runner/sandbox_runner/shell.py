@@ -215,7 +215,8 @@ class LeanShell(InteractiveShell):
         redirected = {
             name: stream
             for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr))
-            if stream is not self.capture.streams[name]
+            # None (a cell's ``sys.stdout = None``): the descriptors, as before it
+            if stream is not None and stream is not self.capture.streams[name]
         }
         exit_code = run_shell(expanded, redirected)
         # Its output waits in the pipes: read it now, or a print after it in the other stream (its
@@ -340,6 +341,16 @@ def run_shell(cmd: str, into: dict[str, IO[str]] | None = None) -> int:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         raise
+    except BaseException:
+        # A redirected stream that failed to take the output: the command goes with the cell's error.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    finally:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def _relay(proc: subprocess.Popen[bytes], into: dict[str, IO[str]]) -> None:
@@ -375,9 +386,11 @@ def _relay(proc: subprocess.Popen[bytes], into: dict[str, IO[str]]) -> None:
 
 def _holds_group(error: BaseException | None) -> bool:
     """Whether ``error`` or an exception it was raised while handling is an exception group."""
-    while error is not None:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # a cell can make contexts point at each other
         if isinstance(error, BaseExceptionGroup):
             return True
+        seen.add(id(error))
         error = error.__context__
     return False
 
