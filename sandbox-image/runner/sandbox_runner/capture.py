@@ -164,7 +164,7 @@ class Capture:
         # Which pipes hold data, asked in one call before reading: most drains find both empty.
         self._readable = self._pipes_poll()
         self.streams = {name: OutputStream(fd, name, self) for fd, name in zip((1, 2), STREAMS, strict=True)}
-        self._decoders = {name: _decoder() for name in STREAMS}
+        self._decoders = {name: utf8_decoder() for name in STREAMS}
         self._active = False
         # The process that reads the pipes; a forked child writes into them instead. Compared with getpid()
         # each time, not set by an at-fork hook: a child forked from C code runs no such hook.
@@ -192,7 +192,7 @@ class Capture:
         self.flush_streams()
         with self._channel.lock:
             self._drain()
-            self._decoders = {name: _decoder() for name in STREAMS}
+            self._decoders = {name: utf8_decoder() for name in STREAMS}
             self.used = dict.fromkeys(STREAMS, 0)
             self.dropped = dict.fromkeys(STREAMS, 0)
             self._active = True
@@ -326,5 +326,6 @@ class Capture:
             self._drain()
 
 
-def _decoder() -> codecs.IncrementalDecoder:
+def utf8_decoder() -> codecs.IncrementalDecoder:
+    """Decodes output read in pieces: invalid UTF-8 becomes U+FFFD, a character split between reads is kept."""
     return codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -11,7 +11,6 @@ into the captured file descriptors (or, while a cell redirects ``sys.stdout``/``
 from __future__ import annotations
 
 import builtins
-import codecs
 import contextlib
 import functools
 import getpass
@@ -39,7 +38,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from traitlets import CBool, Instance, Type, default
 from traitlets.config import Config
 
-from .capture import Capture
+from .capture import Capture, utf8_decoder
 from .cells import CellTransformer, reusing_parses
 
 # Processes the interpreter starts run below it (and far below the runner): a busy background process
@@ -357,12 +356,10 @@ def _relay(proc: subprocess.Popen[bytes], into: dict[str, IO[str]]) -> None:
     """Write what ``proc`` writes to its pipes to the streams of ``into`` until the shell has exited.
 
     What it left in the background may go on writing; once the shell is gone and the pipes are empty,
-    they are closed (as ``!cmd &`` returns when the shell exits).
+    the relay ends (as ``!cmd &`` returns when the shell exits) and ``run_shell`` closes them.
     """
     pipes = [(pipe, into[name]) for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)) if pipe]
-    targets = {
-        pipe.fileno(): (stream, codecs.getincrementaldecoder("utf-8")(errors="replace")) for pipe, stream in pipes
-    }
+    targets = {pipe.fileno(): (stream, utf8_decoder()) for pipe, stream in pipes}
     with selectors.DefaultSelector() as selector:
         for pipe, _ in pipes:
             selector.register(pipe, selectors.EVENT_READ)
@@ -378,10 +375,8 @@ def _relay(proc: subprocess.Popen[bytes], into: dict[str, IO[str]]) -> None:
                     selector.unregister(key.fileobj)
             if exited and not ready:
                 break
-    for pipe, _ in pipes:
-        stream, decoder = targets[pipe.fileno()]
+    for stream, decoder in targets.values():
         stream.write(decoder.decode(b"", final=True))
-        pipe.close()
 
 
 def _holds_group(error: BaseException | None) -> bool:
