@@ -160,6 +160,12 @@ async def test_symlink_within_the_workdir_is_not_followed(runner):
     assert (runner.workdir / "alias.txt").is_symlink()
 
 
+async def test_destination_through_a_loop_of_symlinks(runner):
+    assert (await runner.execute("import os\nos.symlink('lp2', 'lp1')\nos.symlink('lp1', 'lp2')")).outcome == "ok"
+    for name in ("lp1", "lp1/x.txt"):
+        assert "loop" in await assert_refused(runner, [{"name": name, "content": "x"}], "files[1].name")
+
+
 async def test_destination_that_is_a_directory(runner):
     assert (await runner.execute("import os\nos.makedirs('a-directory/inner')")).outcome == "ok"
     await assert_refused(runner, [{"name": "a-directory", "content": "x"}], "files[1].name")

@@ -61,6 +61,19 @@ def test_paths_never_leave_the_working_directory(root: Path) -> None:
     refused("invalid_file", workspace.delete, root, "up/secret", LIMITS)
 
 
+def test_a_loop_of_symlinks_is_refused(root: Path) -> None:
+    """Code can make one; following it must be a refusal, not an error of the runner's."""
+    os.symlink("lp2", root / "lp1")
+    os.symlink("lp1", root / "lp2")
+    for name in ("lp1", "lp1/x"):
+        assert "loop" in refused("invalid_file", workspace.read_chunk, root, name, LIMITS, 0, 10, 1000)
+        refused("invalid_file", workspace.list_dir, root, name, LIMITS)
+        refused("invalid_file", workspace.write_file, root, name, "eA==", LIMITS)
+    refused("invalid_file", workspace.delete, root, "lp1/x", LIMITS)
+    workspace.delete(root, "lp1", LIMITS)  # the link itself can go
+    assert not os.path.lexists(root / "lp1")
+
+
 def test_special_files_and_limits(root: Path) -> None:
     os.mkfifo(root / "pipe")
     (root / "dir").mkdir()

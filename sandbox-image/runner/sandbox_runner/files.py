@@ -100,6 +100,14 @@ def prepare_files(files: Any, limits: Limits) -> list[PreparedFile]:
     return prepared
 
 
+def followed(path: Path) -> Path | None:
+    """``path`` with every symlink followed, or None when they form a loop (code can make one)."""
+    try:
+        return path.resolve()
+    except RuntimeError:  # "Symlink loop from ...": what resolve() raises for a loop on Python 3.11
+        return None
+
+
 def check_destinations(root: Path, files: list[PreparedFile]) -> None:
     """Refuse destinations that cannot be written as plain files, so that a request writes all or nothing.
 
@@ -111,7 +119,9 @@ def check_destinations(root: Path, files: list[PreparedFile]) -> None:
     for index, item in enumerate(files):
         param = f"files[{index}].name"
         target = root / item.path
-        resolved = target.resolve()
+        resolved = followed(target)
+        if resolved is None:
+            raise FileRejected("file name passes through a loop of symbolic links", param)
         if resolved != real_root and real_root not in resolved.parents:
             raise FileRejected("file name resolves outside the working directory", param)
         if target.is_symlink():

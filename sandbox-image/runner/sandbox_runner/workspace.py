@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .config import Limits
-from .files import FileRejected, check_destinations, check_name, prepare_files, write_files
+from .files import FileRejected, check_destinations, check_name, followed, prepare_files, write_files
 
 # Entries returned by one listing; a directory with more says ``truncated``.
 MAX_ENTRIES: Final = 10_000
@@ -47,7 +47,10 @@ def resolve_path(root: Path, name: Any, limits: Limits, *, root_allowed: bool = 
     except FileRejected as exc:
         raise WorkspaceRefused("invalid_file", str(exc).replace("file name", "path")) from exc
     target = root / relative
-    if not _inside(root, (target.parent.resolve() / target.name) if entry else target.resolve()):
+    real = followed(target.parent) if entry else followed(target)
+    if real is None:
+        raise WorkspaceRefused("invalid_file", "path passes through a loop of symbolic links")
+    if not _inside(root, real / target.name if entry else real):
         raise WorkspaceRefused("invalid_file", "path resolves outside the working directory")
     return target
 
