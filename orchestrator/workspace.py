@@ -94,10 +94,14 @@ class SessionFiles:
         except ValidationError as exc:
             raise _malformed("list_files", exc) from exc
 
-    async def read(self, tenant: str, session_id: str, path: str) -> Download:
-        """Open a download; refusals (missing, not a regular file, over the limit) raise here."""
+    async def read(self, tenant: str, session_id: str, path: str, max_bytes: int | None = None) -> Download:
+        """Open a download; refusals (missing, not a regular file, over the limit) raise here.
+
+        ``max_bytes``: a limit lower than the download limit, for a caller that holds the whole file.
+        """
         client = await self._manager.runner(tenant, session_id, reading=True)
-        first, data = await self._chunk(client, path, 0)
+        limit = self._max_download if max_bytes is None else min(max_bytes, self._max_download)
+        first, data = await self._chunk(client, path, 0, limit)
 
         async def chunks() -> AsyncIterator[bytes]:
             # Never more than the announced size: a file that grows meanwhile is cut there, one that
@@ -106,7 +110,7 @@ class SessionFiles:
             offset, eof = len(data), first.eof
             while not eof and offset < first.size:
                 try:
-                    chunk, more = await self._chunk(client, path, offset)
+                    chunk, more = await self._chunk(client, path, offset, limit)
                 except OrchestratorError as exc:
                     log.warning("download_cut", path=path, error=exc.message)
                     return
@@ -118,8 +122,8 @@ class SessionFiles:
 
         return Download(path=path, size=first.size, chunks=chunks())
 
-    async def _chunk(self, client: RunnerClient, path: str, offset: int) -> tuple[_Chunk, bytes]:
-        args = {"path": path, "offset": offset, "length": CHUNK_BYTES, "max_bytes": self._max_download}
+    async def _chunk(self, client: RunnerClient, path: str, offset: int, limit: int) -> tuple[_Chunk, bytes]:
+        args = {"path": path, "offset": offset, "length": CHUNK_BYTES, "max_bytes": limit}
         raw = await _call(client, "read_file", args)
         try:
             chunk = _Chunk.model_validate(raw)
@@ -128,9 +132,9 @@ class SessionFiles:
             raise _malformed("read_file", exc) from exc
         return chunk, data
 
-    async def read_all(self, tenant: str, session_id: str, path: str) -> bytes:
-        """A whole file (MCP's ``read_file``), within the download limit."""
-        download = await self.read(tenant, session_id, path)
+    async def read_all(self, tenant: str, session_id: str, path: str, max_bytes: int) -> bytes:
+        """A whole file (MCP's ``read_file``), within ``max_bytes`` and the download limit."""
+        download = await self.read(tenant, session_id, path, max_bytes)
         return b"".join([part async for part in download.chunks])
 
     async def write(self, tenant: str, session_id: str, path: str, content: bytes) -> tuple[str, int]:

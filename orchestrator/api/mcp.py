@@ -27,13 +27,18 @@ from mcp.types import BlobResourceContents, CallToolResult, EmbeddedResource, Im
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from ..errors import OrchestratorError
+from ..errors import OrchestratorError, RequestTooLarge
 from ..models import ExecuteResult
 from ..schemas import FileInput, render_sessions
 from .deps import Services
 
 PATH: Final = "/mcp"
 _IMAGE_TYPES: Final = ("image/png", "image/jpeg", "image/gif", "image/svg+xml")
+# Display types a model can read as text, in the order they are preferred.
+_TEXT_TYPES: Final = ("text/plain", "text/markdown", "application/json", "text/latex", "text/html")
+# The whole file is held, base64-encoded and JSON-encoded in the control plane: larger files are the
+# download route's, which streams them. As large as the SDK lets a request be.
+MAX_READ_BYTES: Final = 4 * 1024 * 1024
 
 T = TypeVar("T")
 _tenant: ContextVar[str] = ContextVar("mcp_tenant")
@@ -49,15 +54,29 @@ def execute_content(result: ExecuteResult) -> list[Content]:
             prefix = "" if output["type"] == "stdout" else f"[{output['type']}]\n"
             content.append(TextContent(text=prefix + data))
             continue
-        image = next((kind for kind in _IMAGE_TYPES if kind in data), None)
-        if image is not None:
-            raw = data[image]
-            encoded = base64.b64encode(raw.encode()).decode() if image == "image/svg+xml" else str(raw)
-            content.append(ImageContent(data=encoded, mime_type=image))
-        elif "text/plain" in data:
-            content.append(TextContent(text=str(data["text/plain"])))
+        content.append(_display_content(data))
     content.append(TextContent(text=f"session_id: {result.session_id} (outcome: {result.outcome})"))
     return content
+
+
+def _display_content(data: dict[str, object]) -> Content:
+    """One display bundle: its image if it has a valid one, else its text form, else a note of what it was."""
+    image = next((kind for kind in _IMAGE_TYPES if kind in data), None)
+    if image is not None:
+        raw = str(data[image])
+        if image == "image/svg+xml":
+            return ImageContent(data=base64.b64encode(raw.encode()).decode(), mime_type=image)
+        try:
+            base64.b64decode(raw, validate=True)
+            return ImageContent(data=raw, mime_type=image)
+        except (binascii.Error, ValueError):
+            pass  # not an image a client could show: its text form, or the note
+    kind = next((kind for kind in _TEXT_TYPES if kind in data), None)
+    if kind is None:
+        return TextContent(text=f"[a display of {', '.join(sorted(data))}, with no text form]")
+    value = data[kind]
+    text = value if isinstance(value, str) else json.dumps(value)
+    return TextContent(text=text if kind == "text/plain" else f"[{kind}]\n{text}")
 
 
 class McpEndpoint:
@@ -155,9 +174,15 @@ class McpEndpoint:
 
         @server.tool()
         async def read_file(session_id: str, path: str) -> Content:
-            """Read a file from a session's working directory (text, an image, or base64 bytes)."""
+            """Read a file from a session's working directory (text, an image, or base64 bytes), up to 4 MiB."""
             services, tenant = self._services()
-            data = await _call(services.files.read_all(tenant, session_id, path))
+            try:
+                data = await services.files.read_all(tenant, session_id, path, MAX_READ_BYTES)
+            except RequestTooLarge as exc:
+                where = f"GET /tci/sessions/{session_id}/files/{path}"
+                raise ToolError(f"{exc.code}: {exc.message}; read_file holds a file whole, download it from {where}") from exc
+            except OrchestratorError as exc:
+                raise ToolError(f"{exc.code}: {exc.message}") from exc
             kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
             if kind in _IMAGE_TYPES[:3]:
                 return ImageContent(data=base64.b64encode(data).decode(), mime_type=kind)

@@ -43,6 +43,15 @@ async def two_calls_in_one_session(client: Client) -> dict[str, Any]:
     failed = await client.call_tool("execute_code", {"code": "1/0", "session_id": session_id})
     wrote = await client.call_tool("write_file", {"session_id": session_id, "path": "notes/a.txt", "content": "hi"})
     read = await client.call_tool("read_file", {"session_id": session_id, "path": "notes/a.txt"})
+    big = "open('big.bin', 'wb').write(b'x' * (4 * 2**20 + 1))\n"
+    shown = await client.call_tool(
+        "execute_code",
+        {
+            "code": big + "display({'application/json': {'a': 1}}, {'image/png': '@@not base64@@'}, raw=True)",
+            "session_id": session_id,
+        },
+    )
+    too_big = await client.call_tool("read_file", {"session_id": session_id, "path": "big.bin"})
     listed = await client.call_tool("list_sessions", {})
     closed = await client.call_tool("close_session", {"session_id": session_id})
     gone = await client.call_tool("execute_code", {"code": "print(x)", "session_id": session_id})
@@ -55,6 +64,8 @@ async def two_calls_in_one_session(client: Client) -> dict[str, Any]:
         "failed": failed,
         "wrote": texts(wrote),
         "read": texts(read),
+        "shown": shown,
+        "too_big": too_big,
         "listed": texts(listed),
         "closed": closed,
         "gone": gone,
@@ -76,6 +87,12 @@ def check(outcome: dict[str, Any]) -> None:
     assert "ZeroDivisionError" in texts(outcome["failed"])
     assert outcome["wrote"] == "wrote 2 bytes to notes/a.txt"
     assert outcome["read"] == "hi"
+    # Displays with no text/plain and no valid image are said, not dropped or passed on as images.
+    assert not any(isinstance(block, ImageContent) for block in outcome["shown"].content)
+    assert texts(outcome["shown"]).startswith('[application/json]\n{"a": 1}[a display of image/png, with no text form]')
+    assert outcome["too_big"].is_error is True
+    assert "file_too_large" in texts(outcome["too_big"])
+    assert f"/tci/sessions/{session_id}/files/big.bin" in texts(outcome["too_big"])
     assert session_id in outcome["listed"]
     assert outcome["closed"].is_error is False
     assert outcome["gone"].is_error is True
