@@ -180,7 +180,8 @@ class McpEndpoint:
                 data = await services.files.read_all(tenant, session_id, path, MAX_READ_BYTES)
             except RequestTooLarge as exc:
                 where = f"GET /tci/sessions/{session_id}/files/{path}"
-                raise ToolError(f"{exc.code}: {exc.message}; read_file holds a file whole, download it from {where}") from exc
+                message = f"{exc.code}: {exc.message}; read_file holds a file whole, download it from {where}"
+                raise ToolError(message) from exc
             except OrchestratorError as exc:
                 raise ToolError(f"{exc.code}: {exc.message}") from exc
             kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
