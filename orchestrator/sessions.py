@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import structlog
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -44,6 +44,7 @@ from .runner_client import RunnerClient, RunnerRefused
 from .settings import Settings
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 # Added to the execute timeout for the runner's interrupt grace, a kernel restart and the trip.
 _REPLY_SLACK = 20.0
@@ -213,6 +214,7 @@ class SessionManager:
         self.pool = WarmPool(settings, backend, metrics, has_room=self._pool_has_room)
         self._reap_lock = asyncio.Lock()
         self._stopping = False
+        self._stopped = asyncio.Event()
 
     # -- capacity ------------------------------------------------------------------------------
 
@@ -259,6 +261,7 @@ class SessionManager:
         server, running the code a second time. Sessions and their state are kept for that server.
         """
         self._stopping = True
+        self._stopped.set()
 
         async def stop(session: Session) -> None:
             with contextlib.suppress(OrchestratorError, RunnerRefused):
@@ -423,10 +426,12 @@ class SessionManager:
         Raises:
             InvalidRequest: the runner refused the arguments (nothing ran).
             RunnerFailure: the sandbox failed, perhaps mid-run; the session has been ended.
+            CapacityExhausted: the server began to stop, and the call had not ended ``_STOP_SECONDS`` later.
         """
         async with self._turn(session, fresh=True):
+            request = asyncio.ensure_future(session.client.request(op, args, timeout=timeout + _REPLY_SLACK))
             try:
-                return await session.client.request(op, args, timeout=timeout + _REPLY_SLACK)
+                return await _unless_stopped(request, self._stopped)
             except RunnerRefused as exc:
                 raise exc.to_error() from exc
             except RunnerFailure:
@@ -701,6 +706,27 @@ class SessionManager:
 
 def _not_found(session_id: str) -> SessionNotFound:
     return SessionNotFound(f"Session {session_id!r} not found or expired", param="session_id")
+
+
+async def _unless_stopped(work: asyncio.Future[T], stopped: asyncio.Event) -> T:
+    """``work``'s result, unless the server stops and it has not ended within ``_STOP_SECONDS`` of that.
+
+    A stopping server interrupts executes; a program in a run lane does not stop for that (it has a
+    process group of its own), and the server would cut its request off at the end of its grace with a
+    bare 500. What it would report then is not the program's own outcome, so the caller may send it again.
+    """
+    stop = asyncio.ensure_future(stopped.wait())
+    either: set[asyncio.Future[Any]] = {work, stop}
+    try:
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            await asyncio.wait({work}, timeout=_STOP_SECONDS)
+        if not work.done():
+            raise CapacityExhausted("the server is stopping and cut this run off before it ended: send it again")
+        return work.result()
+    finally:
+        stop.cancel()
+        work.cancel()  # nothing when it is done; a caller cancelled meanwhile takes its request along
 
 
 def _restarting() -> CapacityExhausted:
