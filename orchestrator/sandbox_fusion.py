@@ -170,9 +170,18 @@ def run_code_response(run: RunResult, *, pod: str | None) -> RunCodeResponse:
     if run.oom:
         limit = f" (limit {run.memory_limit_bytes // 2**20} MiB)" if run.memory_limit_bytes else ""
         message = f"MemoryLimitExceeded: the program ran out of memory{limit} and was killed"
+    message = with_dropped_files(message, run.dropped_bytes.get("files", 0))
     return RunCodeResponse(
         status=status, message=message, run_result=result, executor_pod_name=pod, files=run.files, oom=run.oom
     )
+
+
+def with_dropped_files(message: str, dropped: int) -> str:
+    """``message``, saying so if ``fetch_files`` left files out (past the sandbox's total for them)."""
+    if not dropped:
+        return message
+    note = f"fetch_files: {dropped} bytes of files were left out, past the total the sandbox returns"
+    return f"{message}; {note}" if message else note
 
 
 def sandbox_error(message: str, *, pod: str | None = None) -> RunCodeResponse:

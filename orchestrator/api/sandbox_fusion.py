@@ -30,6 +30,7 @@ from ..sandbox_fusion import (
     run_code_response,
     sandbox_error,
     uploads,
+    with_dropped_files,
 )
 from ..sandbox_fusion import cell_result as to_cell
 from ..schemas import ErrorEnvelope
@@ -167,9 +168,11 @@ async def _cells(body: RunJupyterRequest, session: Session, services: ServicesDe
                 status, problem = "Error", result.error_summary or result.outcome
                 break
         fetched: dict[str, str] = {}
+        left_out = 0
         if status == "Finished" and body.fetch_files:
             raw = await manager.call(session, "fetch", {"paths": body.fetch_files}, _FETCH_TIMEOUT)
-            fetched = FetchResult.model_validate(raw).files
+            fetch = FetchResult.model_validate(raw)
+            fetched, left_out = fetch.files, fetch.dropped_bytes
     except CapacityExhausted as exc:
         raise Saturated(exc.message, retry_after=exc.retry_after) from exc
     except (OrchestratorError, ValidationError) as exc:
@@ -187,7 +190,7 @@ async def _cells(body: RunJupyterRequest, session: Session, services: ServicesDe
     )
     return RunJupyterResponse(
         status="Success" if status == "Finished" else "Failed",
-        message=problem,
+        message=with_dropped_files(problem, left_out),
         driver=driver,
         cells=cells,
         executor_pod_name=_pod(session),

@@ -13,6 +13,7 @@ from orchestrator.sandbox_fusion import (
     program_for,
     run_code_response,
     uploads,
+    with_dropped_files,
 )
 
 
@@ -81,3 +82,23 @@ def test_an_oom_says_so_in_message_and_flag() -> None:
         "",
         "TimeLimitExceeded",
     )
+
+
+def test_files_left_out_of_fetch_files_are_said() -> None:
+    run = RunResult(
+        stdout="",
+        stderr="",
+        return_code=0,
+        execution_time=0.1,
+        timed_out=False,
+        oom=False,
+        dropped_bytes={"files": 62914560},
+        files={"small.txt": "eA=="},
+    )
+    answer = run_code_response(run, pod=None)
+    assert (answer.status, answer.files) == ("Success", {"small.txt": "eA=="})
+    assert answer.message == "fetch_files: 62914560 bytes of files were left out, past the total the sandbox returns"
+    assert with_dropped_files("the cells failed", 5) == (
+        "the cells failed; fetch_files: 5 bytes of files were left out, past the total the sandbox returns"
+    )
+    assert with_dropped_files("", 0) == ""
