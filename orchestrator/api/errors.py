@@ -44,7 +44,7 @@ def _from_validation(exc: RequestValidationError) -> OrchestratorError:
             # decoded with surrogateescape: say what it is and what to send instead.
             message += _LONE_SURROGATE
         return InvalidRequest(message, code="invalid_json")
-    if loc == ["language"]:
+    if loc == ["language"] and first.get("type") != "missing":
         ctx = first.get("ctx")
         expected = ctx.get("expected", "'python'") if isinstance(ctx, dict) else "'python'"
         error = InvalidRequest(

@@ -267,3 +267,10 @@ def test_a_new_session_that_waits_too_long_for_its_turn_gets_429_and_nothing_run
         assert refused.headers["x-should-retry"] == "true"
         assert not marker.exists()
         assert first["r"].status_code == 200, first["r"].text
+
+
+def test_a_missing_language_is_named_as_missing(app: App) -> None:
+    """Not "language {whole body} is not supported": the field is absent, and that is what is said."""
+    response = app.client.post("/run_code", json={"code": "print(1)"}, headers=auth(KEY_A))
+    check_error(response, 422, "invalid_request", param="language")
+    assert response.json()["error"]["message"] == "language: Field required"
