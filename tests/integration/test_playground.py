@@ -128,14 +128,16 @@ def test_playground_runs_cells_streams_shows_images_and_manages_files(
     )
     assert row[0].find_elements(By.TAG_NAME, "td")[2].text.endswith("min")
 
-    # Upload, then download through the page.
-    source = tmp_path / "hello.bin"
+    # Upload, then download through the page (a "#" in the name once fetched the file before it).
+    source = tmp_path / "hello#2.bin"
     source.write_bytes(bytes(range(256)))
     browser.find_element(By.ID, "upload").send_keys(str(source))
     browser.find_element(By.ID, "upload-button").click()
-    listed = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#files tr[data-path='hello.bin']"), 30, "upload")
+    listed = wait_for(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "#files tr[data-path='hello#2.bin']"), 30, "upload"
+    )
     listed[0].find_element(By.CSS_SELECTOR, "button.download").click()
-    saved = tmp_path / "downloads" / "hello.bin"
+    saved = tmp_path / "downloads" / "hello#2.bin"
     wait_for(saved.exists, 30, "the download")
     assert saved.read_bytes() == bytes(range(256))
 
