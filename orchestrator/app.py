@@ -129,5 +129,8 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> App:
     app.include_router(sandbox_fusion.router)
     app.include_router(health.router)
     app.include_router(playground.router)
-    app.router.routes.append(Route(mcp_path, mcp, methods=["GET", "POST", "DELETE"], include_in_schema=False))
+    for prefix in ("", "/v1"):
+        # POST only: a stateless server pushes nothing (a GET's event stream stayed open, silent, until
+        # the server stopped) and keeps no session to DELETE; 405 is what MCP says to answer both.
+        app.router.routes.append(Route(f"{prefix}{mcp_path}", mcp, methods=["POST"], include_in_schema=False))
     return app

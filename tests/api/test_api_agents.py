@@ -75,3 +75,14 @@ def test_openapi_documents_every_new_route_with_examples(app: App) -> None:
     assert "/playground" in paths
     assert "timeout" in spec["components"]["schemas"]["ExecuteRequest"]["properties"]
     assert app.client.get("/playground").status_code == 200
+
+
+def test_mcp_answers_under_v1_too_and_refuses_get_and_delete(app: App) -> None:
+    headers = {**auth(KEY_A), "Accept": "application/json, text/event-stream"}
+    listed = app.client.post("/v1/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, headers=headers)
+    assert "execute_code" in {tool["name"] for tool in listed.json()["result"]["tools"]}
+    # A stateless server pushes nothing: a GET's event stream stayed open and silent until shutdown.
+    for method in ("GET", "DELETE"):
+        response = app.client.request(method, "/mcp", headers=headers)
+        check_error(response, 405, "http_error")
+        assert response.headers["allow"] == "POST"
