@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query, Request, Response
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.responses import StreamingResponse
 
 from ..schemas import FileListResponse, FileWrittenResponse, rfc3339
@@ -22,7 +23,16 @@ from .tci import ERRORS
 _PathParam = Annotated[str, Path(description="Relative to the working directory.", examples=["plots/figure.png"])]
 router = APIRouter(tags=["session files"], default_response_class=TCIJSONResponse)
 
-_FILE_PATH = "/tci/sessions/{session_id}/files/{path:path}"
+
+class _AnyPathConvertor(PathConvertor):
+    """Starlette's ``path``, newlines included: a file the session named with one is listed, so it must
+    be reachable too (``.*`` alone stops at a newline)."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("anypath", _AnyPathConvertor())
+_FILE_PATH = "/tci/sessions/{session_id}/files/{path:anypath}"
 _RAW_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -33,7 +43,9 @@ _RAW_BODY: dict[str, Any] = {
 
 def _disposition(path: str) -> str:
     name = PurePosixPath(path).name or "download"
-    fallback = name.encode("ascii", errors="replace").decode().replace('"', "_").replace("?", "_")
+    ascii_name = name.encode("ascii", errors="replace").decode()
+    # Control characters (a newline a session put in a name) would end the header line.
+    fallback = "".join("_" if c in '"?\\' or not c.isprintable() else c for c in ascii_name)
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name)}"
 
 

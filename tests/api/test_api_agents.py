@@ -86,3 +86,17 @@ def test_mcp_answers_under_v1_too_and_refuses_get_and_delete(app: App) -> None:
         response = app.client.request(method, "/mcp", headers=headers)
         check_error(response, 405, "http_error")
         assert response.headers["allow"] == "POST"
+
+
+def test_a_file_named_with_a_newline_is_reachable(app: App, victim: str) -> None:
+    """Listed, so it can be downloaded, replaced and deleted too (the route once stopped at the newline)."""
+    assert stdout_of(app.execute(KEY_A, "open('new\\nline.txt', 'w').write('one')\nprint('ok')", victim)) == "ok\n"
+    listed = app.client.get(f"/tci/sessions/{victim}/files", headers=auth(KEY_A)).json()["data"]["entries"]
+    assert "new\nline.txt" in {entry["path"] for entry in listed}
+    route = f"/v1/tci/sessions/{victim}/files/new%0Aline.txt"
+    assert app.client.put(route, content=b"two", headers=auth(KEY_A)).status_code == 200
+    download = app.client.get(route, headers=auth(KEY_A))
+    assert download.content == b"two"
+    assert download.headers["content-disposition"].startswith('attachment; filename="new_line.txt"; ')
+    assert app.client.delete(route, headers=auth(KEY_A)).status_code == 204
+    assert stdout_of(app.execute(KEY_A, "import os\nprint(os.path.exists('new\\nline.txt'))", victim)) == "False\n"
