@@ -71,8 +71,11 @@ class _RunnerOutput(BaseModel):
         return self
 
 
-def _relay(watcher: ExecuteWatcher, session_id: str, frame: dict[str, Any]) -> None:
-    """Pass one progress frame on to ``watcher``; an invalid output is left out (the result has it right)."""
+def _relay(watcher: ExecuteWatcher, session_id: str, sent: list[dict[str, Any]], frame: dict[str, Any]) -> None:
+    """Pass one progress frame on to ``watcher``; an invalid output is left out (the result has it right).
+
+    ``sent`` keeps what was passed on: the result of an execute whose sandbox went away holds it too.
+    """
     event = frame.get("progress")
     if event == "started":
         watcher.started(session_id)
@@ -81,7 +84,9 @@ def _relay(watcher: ExecuteWatcher, session_id: str, frame: dict[str, Any]) -> N
             item = _RunnerOutput.model_validate(frame.get("output"))
         except ValidationError:
             return
-        watcher.output(item.model_dump())
+        output = item.model_dump()
+        sent.append(output)
+        watcher.output(output)
 
 
 @dataclass(frozen=True)
@@ -571,7 +576,8 @@ class SessionManager:
     async def _send(self, session: Session, job: _Job, timeout: float) -> ExecuteResult:
         if self._stopping:
             raise _restarting()  # asked since its turn came (the budget may have waited)
-        listener = None if job.watcher is None else functools.partial(_relay, job.watcher, session.session_id)
+        sent: list[dict[str, Any]] = []
+        listener = None if job.watcher is None else functools.partial(_relay, job.watcher, session.session_id, sent)
         began = time.monotonic()
         try:
             raw = await session.client.request(
@@ -587,11 +593,11 @@ class SessionManager:
                 ) from exc
             raise exc.to_error() from exc
         except RunnerFailure as exc:
-            return await self._failed_mid_execute(session, str(exc))
+            return await self._failed_mid_execute(session, str(exc), sent)
         try:
             result = _RunnerExecuteResult.model_validate(raw)
         except ValidationError:
-            return await self._failed_mid_execute(session, "the sandbox sent a malformed reply")
+            return await self._failed_mid_execute(session, "the sandbox sent a malformed reply", sent)
         outputs = [o.model_dump() for o in result.outputs]
         if self._stopping and result.outcome == "interrupted":
             outputs.append({"type": "stderr", "data": _STOPPED})
@@ -608,8 +614,9 @@ class SessionManager:
             dropped_bytes=result.dropped_bytes,
         )
 
-    async def _failed_mid_execute(self, session: Session, detail: str) -> ExecuteResult:
-        """The code may have run: answer 200 with what happened, and end the session."""
+    async def _failed_mid_execute(self, session: Session, detail: str, sent: list[dict[str, Any]]) -> ExecuteResult:
+        """The code may have run: answer 200 with what happened (``sent``: the outputs streamed so far), and
+        end the session."""
         reason = session.gone or "lost"
         if reason in {"expired", "idle"}:
             message = (
@@ -630,7 +637,7 @@ class SessionManager:
         self._metrics.executions.labels(outcome="sandbox_lost").inc()
         return ExecuteResult(
             session_id=session.session_id,
-            outputs=[{"type": "error", "data": message}],
+            outputs=[*sent, {"type": "error", "data": message}],
             error_summary=message.split(":", 1)[0],
             outcome="sandbox_lost",
             state_lost=True,

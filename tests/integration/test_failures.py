@@ -7,6 +7,7 @@ module; cases that need other settings start their own.
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import shutil
 import socket
@@ -311,3 +312,27 @@ def test_an_execute_whose_session_is_deleted_meanwhile_says_so(api: Api) -> None
     assert data["outcome"] == "sandbox_lost"
     assert "SessionClosed" in text_of(data, "error"), data
     assert sid not in api.session_ids()
+
+
+def test_a_streamed_execute_whose_session_is_deleted_keeps_what_it_streamed(api: Api) -> None:
+    """The result said only SessionClosed: output the stream had already shown was missing from it."""
+    sid = api.run("kept = 1")["session_id"]
+    lines: list[str] = []
+
+    def stream() -> None:
+        body = {"code": "import time\nprint('start', flush=True)\ntime.sleep(60)", "session_id": sid}
+        headers = {"Accept": "text/event-stream"}
+        with api.http.stream("POST", "/v1/tci/execute", json=body, headers=headers) as response:
+            lines.extend(response.iter_lines())
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    wait_for(lambda: any(line.startswith("event: output") for line in list(lines)), 30, "the streamed output")
+    assert api.http.delete(f"/v1/tci/sessions/{sid}").status_code == 204
+    thread.join(60)
+    result = next(line for line in lines if line.startswith('data: {"data"'))
+    data = json.loads(result.removeprefix("data: "))["data"]
+    assert data["outcome"] == "sandbox_lost"
+    assert [o["type"] for o in data["outputs"]] == ["stdout", "error"], data
+    assert data["outputs"][0]["data"] == "start\n"
+    assert "SessionClosed" in data["outputs"][1]["data"]
