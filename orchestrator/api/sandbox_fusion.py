@@ -147,6 +147,7 @@ async def _cells(body: RunJupyterRequest, session: Session, services: ServicesDe
     cells: list[CellRunResult] = []
     status: CommandRunStatus = "Finished"
     problem = ""
+    cell_limited = False
     try:
         for code in body.cells or ([""] if files else []):
             remaining = body.total_timeout - (time.monotonic() - began)
@@ -154,6 +155,7 @@ async def _cells(body: RunJupyterRequest, session: Session, services: ServicesDe
                 status = "TimeLimitExceeded"
                 break
             limit = min(body.cell_timeout or remaining, remaining, longest)
+            cell_limited = bool(body.cell_timeout) and limit == body.cell_timeout
             result = await manager.execute_in(session, code, files, limit)
             if result.outcome == "interrupted":
                 # Only a stopping server interrupts these kernels: every request has a fresh one, so a
@@ -180,7 +182,11 @@ async def _cells(body: RunJupyterRequest, session: Session, services: ServicesDe
         return RunJupyterResponse(status="SandboxError", message=message, cells=cells, executor_pod_name=_pod(session))
     elapsed = time.monotonic() - began
     if status == "TimeLimitExceeded":
-        problem = f"the cells ran longer than their time limit ({body.total_timeout:g} s in total)"
+        problem = (
+            f"a cell ran longer than its time limit ({body.cell_timeout:g} s per cell)"
+            if cell_limited
+            else f"the cells ran longer than their time limit ({body.total_timeout:g} s in total)"
+        )
     driver = CommandRunResult(
         status=status,
         execution_time=elapsed,

@@ -208,6 +208,12 @@ def test_run_jupyter_runs_cells_in_one_kernel_and_reports_an_error_cell(
     assert before  # the lane and pool of this module were there before
     timed = api.post("/run_jupyter", json={"cells": ["1", "import time; time.sleep(30)"], "total_timeout": 1}).json()
     assert (timed["status"], timed["driver"]["status"]) == ("Failed", "TimeLimitExceeded")
+    assert timed["message"] == "the cells ran longer than their time limit (1 s in total)"
+    # The limit that was reached is the one named (it blamed the 45 s total).
+    cell = {"cells": ["import time; time.sleep(30)"], "cell_timeout": 0.5}
+    per_cell = api.post("/run_jupyter", json=cell).json()
+    assert (per_cell["status"], per_cell["driver"]["status"]) == ("Failed", "TimeLimitExceeded")
+    assert per_cell["message"] == "a cell ran longer than its time limit (0.5 s per cell)"
 
 
 def test_a_busy_lane_answers_504_with_retry_after(api: TestClient) -> None:

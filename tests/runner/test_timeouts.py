@@ -89,3 +89,15 @@ async def test_kernel_ignoring_sigint_is_restarted(start_runner):
         after = await runner.execute("print('lost' in globals())")
         assert after.outcome == "ok"
         assert after.outputs == [{"type": "stdout", "data": "False\n"}]
+
+
+async def test_a_time_limit_shorter_than_the_trip_still_keeps_the_state(runner):
+    """The interrupt reached the interpreter before the cell had started and was ignored: the cell ran
+    on until the grace ended, and the kernel was killed with the session's state."""
+    assert (await runner.execute("kept = 'yes'")).outcome == "ok"
+    for _ in range(3):
+        # A long cell takes the interpreter a while to read: the interrupt surely comes first.
+        result = await runner.execute("import time\ntime.sleep(30)\n" + "#" * 4_000_000, timeout=1e-9)
+        assert result.outcome == "timeout", result.outputs
+        assert result.result["state_lost"] is False, result.outputs
+    assert (await runner.execute("print(kept)")).outputs == [{"type": "stdout", "data": "yes\n"}]

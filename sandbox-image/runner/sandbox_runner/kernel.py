@@ -33,6 +33,8 @@ log = logging.getLogger("sandbox_runner")
 _POLL: Final = 0.1
 _PRESSED_POLL: Final = 0.01
 _READY_TIMEOUT: Final = 60.0
+# How often a timed-out execute is interrupted again while it has not stopped.
+_REINTERRUPT: Final = 0.5
 # Frames kept when nobody reads them.
 _INBOX_LIMIT: Final = 10_000
 _STATE_LOST: Final = "The kernel was restarted: variables, imports and other session state are lost."
@@ -276,9 +278,16 @@ class KernelSupervisor:
                 collector.feed(msg_type, msg)
 
     async def _on_timeout(self, collector: OutputCollector, timeout: float) -> ExecOutcome:
-        await self.interrupt()
         loop = asyncio.get_running_loop()
-        status, _ = await self._collect(collector, loop.time() + self._config.interrupt_grace)
+        grace_ends = loop.time() + self._config.interrupt_grace
+        # Again every _REINTERRUPT: an interrupt that arrives before the cell has started (a time limit
+        # shorter than the trip) is ignored by the interpreter between cells, and the cell would run on
+        # until the grace ends and it is killed, its session's state with it.
+        while True:
+            await self.interrupt()
+            status, _ = await self._collect(collector, min(grace_ends, loop.time() + _REINTERRUPT))
+            if status != "timeout" or loop.time() >= grace_ends:
+                break
         collector.drop_keyboard_interrupt()
         limit = f"{timeout:g}"
         if status == "idle":
