@@ -101,3 +101,12 @@ async def test_a_time_limit_shorter_than_the_trip_still_keeps_the_state(runner):
         assert result.outcome == "timeout", result.outputs
         assert result.result["state_lost"] is False, result.outputs
     assert (await runner.execute("print(kept)")).outputs == [{"type": "stdout", "data": "yes\n"}]
+
+
+async def test_a_timed_out_cell_handles_its_one_interrupt_in_peace(runner):
+    """One SIGINT per time-out: a cell that saves its work on KeyboardInterrupt gets to finish saving."""
+    code = "import time\ntry:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    time.sleep(1.2)\n    print('saved')\n"
+    result = await runner.execute(code, timeout=0.5)
+    assert result.outcome == "timeout", result.outputs
+    assert result.result["state_lost"] is False
+    assert result.text("stdout") == "saved\n"

@@ -33,8 +33,8 @@ log = logging.getLogger("sandbox_runner")
 _POLL: Final = 0.1
 _PRESSED_POLL: Final = 0.01
 _READY_TIMEOUT: Final = 60.0
-# How often a timed-out execute is interrupted again while it has not stopped.
-_REINTERRUPT: Final = 0.5
+# How often a timed-out execute looks again whether its cell has started, to interrupt it.
+_ARMING_POLL: Final = 0.01
 # Frames kept when nobody reads them.
 _INBOX_LIMIT: Final = 10_000
 _STATE_LOST: Final = "The kernel was restarted: variables, imports and other session state are lost."
@@ -280,13 +280,17 @@ class KernelSupervisor:
     async def _on_timeout(self, collector: OutputCollector, timeout: float) -> ExecOutcome:
         loop = asyncio.get_running_loop()
         grace_ends = loop.time() + self._config.interrupt_grace
-        # Again every _REINTERRUPT: an interrupt that arrives before the cell has started (a time limit
-        # shorter than the trip) is ignored by the interpreter between cells, and the cell would run on
-        # until the grace ends and it is killed, its session's state with it.
-        while True:
-            await self.interrupt()
-            status, _ = await self._collect(collector, min(grace_ends, loop.time() + _REINTERRUPT))
-            if status != "timeout" or loop.time() >= grace_ends:
+        status = "timeout"
+        while loop.time() < grace_ends:
+            if self.pid is not None and procs.ignores(self.pid, signal.SIGINT) is False:
+                await self.interrupt()  # once: a second would cut the cell's own handling of the first short
+                status, _ = await self._collect(collector, grace_ends)
+                break
+            # The interpreter ignores SIGINT between cells: one sent before this cell had started (a time
+            # limit shorter than the trip) would be lost, and the cell would run on until it is killed,
+            # its session's state with it. Code that ignores SIGINT itself is killed when the grace ends.
+            status, _ = await self._collect(collector, min(grace_ends, loop.time() + _ARMING_POLL))
+            if status != "timeout":
                 break
         collector.drop_keyboard_interrupt()
         limit = f"{timeout:g}"

@@ -270,6 +270,17 @@ def open_files_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def ignores(pid: int, signum: int) -> bool | None:
+    """Whether ``pid`` ignores ``signum`` now (its ``SigIgn`` mask); None if it is gone."""
+    try:
+        for line in _read(f"/proc/{pid}/status").splitlines():
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def thread_count(pid: int) -> int:
     """Threads of ``pid`` (each holds a pid of the cgroup's limit); 0 if it is gone."""
     try:
