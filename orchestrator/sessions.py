@@ -71,11 +71,28 @@ class _RunnerOutput(BaseModel):
         return self
 
 
-def _relay(watcher: ExecuteWatcher, session_id: str, sent: list[dict[str, Any]], frame: dict[str, Any]) -> None:
-    """Pass one progress frame on to ``watcher``; an invalid output is left out (the result has it right).
+class _Streamed:
+    """The outputs a streaming execute has passed on, for a result that has no other record of them
+    (its sandbox went away). Consecutive pieces of a stream are kept as one item, as a result has
+    them, so that memory follows the bytes (bounded by the output caps), not the number of flushes."""
 
-    ``sent`` keeps what was passed on: the result of an execute whose sandbox went away holds it too.
-    """
+    def __init__(self) -> None:
+        self._items: list[tuple[str, Any]] = []
+
+    def add(self, output: dict[str, Any]) -> None:
+        kind, data = output["type"], output["data"]
+        if kind in {"stdout", "stderr"} and self._items and self._items[-1][0] == kind:
+            self._items[-1][1].append(data)
+        else:
+            self._items.append((kind, [data] if kind in {"stdout", "stderr"} else data))
+
+    def outputs(self) -> list[dict[str, Any]]:
+        return [{"type": kind, "data": "".join(data) if isinstance(data, list) else data} for kind, data in self._items]
+
+
+def _relay(watcher: ExecuteWatcher, session_id: str, sent: _Streamed, frame: dict[str, Any]) -> None:
+    """Pass one progress frame on to ``watcher``, and keep it in ``sent``; an invalid output is left out
+    (the result has it right)."""
     event = frame.get("progress")
     if event == "started":
         watcher.started(session_id)
@@ -85,7 +102,7 @@ def _relay(watcher: ExecuteWatcher, session_id: str, sent: list[dict[str, Any]],
         except ValidationError:
             return
         output = item.model_dump()
-        sent.append(output)
+        sent.add(output)
         watcher.output(output)
 
 
@@ -576,7 +593,7 @@ class SessionManager:
     async def _send(self, session: Session, job: _Job, timeout: float) -> ExecuteResult:
         if self._stopping:
             raise _restarting()  # asked since its turn came (the budget may have waited)
-        sent: list[dict[str, Any]] = []
+        sent = _Streamed()
         listener = None if job.watcher is None else functools.partial(_relay, job.watcher, session.session_id, sent)
         began = time.monotonic()
         try:
@@ -614,7 +631,7 @@ class SessionManager:
             dropped_bytes=result.dropped_bytes,
         )
 
-    async def _failed_mid_execute(self, session: Session, detail: str, sent: list[dict[str, Any]]) -> ExecuteResult:
+    async def _failed_mid_execute(self, session: Session, detail: str, sent: _Streamed) -> ExecuteResult:
         """The code may have run: answer 200 with what happened (``sent``: the outputs streamed so far), and
         end the session."""
         reason = session.gone or "lost"
@@ -637,7 +654,7 @@ class SessionManager:
         self._metrics.executions.labels(outcome="sandbox_lost").inc()
         return ExecuteResult(
             session_id=session.session_id,
-            outputs=[*sent, {"type": "error", "data": message}],
+            outputs=[*sent.outputs(), {"type": "error", "data": message}],
             error_summary=message.split(":", 1)[0],
             outcome="sandbox_lost",
             state_lost=True,

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import mimetypes
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any, Final, Literal
 
 import structlog
@@ -56,6 +58,16 @@ class _Chunk(BaseModel):
 class _Written(BaseModel):
     path: str
     size: int = Field(ge=0)
+
+
+def media_type(path: str) -> str:
+    """The media type for a file's name, by its extension alone.
+
+    ``mimetypes.guess_type`` reads a name that starts with ``data:`` as a data URL: a session could
+    then choose the type (HTML for a download, an image for MCP), and put a line break in the header.
+    """
+    suffix = PurePosixPath(path).suffix
+    return mimetypes.guess_type(f"file{suffix}")[0] or "application/octet-stream"
 
 
 @dataclass

@@ -6,7 +6,6 @@ the runner's ``workspace.py``.
 
 from __future__ import annotations
 
-import mimetypes
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -15,6 +14,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.responses import StreamingResponse
 
+from .. import workspace
 from ..schemas import FileListResponse, FileWrittenResponse, rfc3339
 from .deps import ServicesDep, TenantDep
 from .responses import TCIJSONResponse
@@ -79,7 +79,7 @@ async def download_file(
 ) -> StreamingResponse:
     """Download a regular file (streamed; 413 over `ORCH_MAX_DOWNLOAD_BYTES`). Runs beside an execute."""
     download = await services.files.read(tenant, session_id, path)
-    media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    media_type = workspace.media_type(path)
     headers = {"content-length": str(download.size), "content-disposition": _disposition(path)}
     return StreamingResponse(download.chunks, media_type=media_type, headers=headers)
 

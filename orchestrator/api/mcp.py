@@ -15,7 +15,6 @@ import binascii
 import contextlib
 import json
 import logging
-import mimetypes
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextvars import ContextVar
 from typing import Final, Literal, TypeVar
@@ -30,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 from ..errors import OrchestratorError, RequestTooLarge
 from ..models import ExecuteResult
 from ..schemas import FileInput, render_sessions
+from ..workspace import media_type
 from .deps import Services
 
 PATH: Final = "/mcp"
@@ -184,7 +184,7 @@ class McpEndpoint:
                 raise ToolError(message) from exc
             except OrchestratorError as exc:
                 raise ToolError(f"{exc.code}: {exc.message}") from exc
-            kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
+            kind = media_type(path)
             if kind in _IMAGE_TYPES[:3]:
                 return ImageContent(data=base64.b64encode(data).decode(), mime_type=kind)
             try:

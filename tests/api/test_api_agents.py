@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from api_support import KEY_A, KEY_B, App, auth, check_error, running_app, stdout_of
 
+from orchestrator import workspace
 from orchestrator.schemas import FileListResponse, InterruptResponse
 
 
@@ -100,3 +101,13 @@ def test_a_file_named_with_a_newline_is_reachable(app: App, victim: str) -> None
     assert download.headers["content-disposition"].startswith('attachment; filename="new_line.txt"; ')
     assert app.client.delete(route, headers=auth(KEY_A)).status_code == 204
     assert stdout_of(app.execute(KEY_A, "import os\nprint(os.path.exists('new\\nline.txt'))", victim)) == "False\n"
+
+
+def test_a_download_type_comes_from_the_extension_alone(app: App, victim: str) -> None:
+    """A name read as a data URL chose the type (HTML served as such), or put a line break in the header."""
+    code = "import os\nos.makedirs('data:text', exist_ok=True)\nopen('data:text/html,x.txt', 'w').write('<b>')\nprint('ok')"
+    assert stdout_of(app.execute(KEY_A, code, victim)) == "ok\n"
+    download = app.client.get(f"/tci/sessions/{victim}/files/data:text/html,x.txt", headers=auth(KEY_A))
+    assert download.headers["content-type"] == "text/plain; charset=utf-8"
+    assert workspace.media_type("data:image/png\r\nX-Evil: 1,abc") == "application/octet-stream"
+    assert workspace.media_type("plots/figure.PNG") == "image/png"

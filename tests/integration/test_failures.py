@@ -320,19 +320,20 @@ def test_a_streamed_execute_whose_session_is_deleted_keeps_what_it_streamed(api:
     lines: list[str] = []
 
     def stream() -> None:
-        body = {"code": "import time\nprint('start', flush=True)\ntime.sleep(60)", "session_id": sid}
+        code = "import time\nprint('start', flush=True)\nprint('more', flush=True)\ntime.sleep(60)"
+        body = {"code": code, "session_id": sid}
         headers = {"Accept": "text/event-stream"}
         with api.http.stream("POST", "/v1/tci/execute", json=body, headers=headers) as response:
             lines.extend(response.iter_lines())
 
     thread = threading.Thread(target=stream)
     thread.start()
-    wait_for(lambda: any(line.startswith("event: output") for line in list(lines)), 30, "the streamed output")
+    wait_for(lambda: sum(line.startswith("event: output") for line in list(lines)) == 2, 30, "the streamed output")
     assert api.http.delete(f"/v1/tci/sessions/{sid}").status_code == 204
     thread.join(60)
     result = next(line for line in lines if line.startswith('data: {"data"'))
     data = json.loads(result.removeprefix("data: "))["data"]
     assert data["outcome"] == "sandbox_lost"
     assert [o["type"] for o in data["outputs"]] == ["stdout", "error"], data
-    assert data["outputs"][0]["data"] == "start\n"
+    assert data["outputs"][0]["data"] == "start\nmore\n"  # merged, as in any result
     assert "SessionClosed" in data["outputs"][1]["data"]
