@@ -105,7 +105,7 @@ def test_a_file_named_with_a_newline_is_reachable(app: App, victim: str) -> None
 
 def test_a_download_type_comes_from_the_extension_alone(app: App, victim: str) -> None:
     """A name read as a data URL chose the type (HTML served as such), or put a line break in the header."""
-    code = "import os\nos.makedirs('data:text', exist_ok=True)\nopen('data:text/html,x.txt', 'w').write('<b>')\nprint('ok')"
+    code = "import os\nos.makedirs('data:text')\nopen('data:text/html,x.txt', 'w').write('<b>')\nprint('ok')"
     assert stdout_of(app.execute(KEY_A, code, victim)) == "ok\n"
     download = app.client.get(f"/tci/sessions/{victim}/files/data:text/html,x.txt", headers=auth(KEY_A))
     assert download.headers["content-type"] == "text/plain; charset=utf-8"
