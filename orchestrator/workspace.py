@@ -21,7 +21,7 @@ from typing import Any, Final, Literal
 import structlog
 from pydantic import BaseModel, Field, ValidationError
 
-from .errors import OrchestratorError, RunnerFailure
+from .errors import InvalidRequest, OrchestratorError, RunnerFailure
 from .runner_client import RunnerClient, RunnerRefused
 from .sessions import SessionManager
 
@@ -122,7 +122,7 @@ class SessionFiles:
             offset, eof = len(data), first.eof
             while not eof and offset < first.size:
                 try:
-                    chunk, more = await self._chunk(client, path, offset, limit)
+                    chunk, more = await self._chunk(client, path, offset, self._max_download)
                 except OrchestratorError as exc:
                     log.warning("download_cut", path=path, error=exc.message)
                     return
@@ -147,7 +147,15 @@ class SessionFiles:
     async def read_all(self, tenant: str, session_id: str, path: str, max_bytes: int) -> bytes:
         """A whole file (MCP's ``read_file``), within ``max_bytes`` and the download limit."""
         download = await self.read(tenant, session_id, path, max_bytes)
-        return b"".join([part async for part in download.chunks])
+        data = b"".join([part async for part in download.chunks])
+        if len(data) != download.size:
+            # A download can end short; a whole file handed back as such cannot.
+            raise InvalidRequest(
+                f"{path} changed while it was read ({download.size} bytes at first, {len(data)} read): read it again",
+                param="path",
+                code="file_changed",
+            )
+        return data
 
     async def write(self, tenant: str, session_id: str, path: str, content: bytes) -> tuple[str, int]:
         """Write one file (parents created, replaced atomically); the stored path and size."""

@@ -67,8 +67,9 @@ def _display_content(data: dict[str, object]) -> Content:
         if image == "image/svg+xml":
             return ImageContent(data=base64.b64encode(raw.encode()).decode(), mime_type=image)
         try:
-            base64.b64decode(raw, validate=True)
-            return ImageContent(data=raw, mime_type=image)
+            encoded = "".join(raw.split())  # base64 wrapped in lines (base64.encodebytes) is still an image
+            base64.b64decode(encoded, validate=True)
+            return ImageContent(data=encoded, mime_type=image)
         except (binascii.Error, ValueError):
             pass  # not an image a client could show: its text form, or the note
     kind = next((kind for kind in _TEXT_TYPES if kind in data), None)

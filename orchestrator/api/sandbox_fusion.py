@@ -147,15 +147,15 @@ async def _cells(body: RunJupyterRequest, session: Session, services: ServicesDe
     cells: list[CellRunResult] = []
     status: CommandRunStatus = "Finished"
     problem = ""
-    cell_limited = False
+    reached = "total"  # which limit a cell that times out reaches
     try:
         for code in body.cells or ([""] if files else []):
             remaining = body.total_timeout - (time.monotonic() - began)
             if remaining <= 0:
-                status = "TimeLimitExceeded"
+                status, reached = "TimeLimitExceeded", "total"
                 break
             limit = min(body.cell_timeout or remaining, remaining, longest)
-            cell_limited = bool(body.cell_timeout) and limit == body.cell_timeout
+            reached = "cell" if limit == body.cell_timeout else "total" if limit == remaining else "server"
             result = await manager.execute_in(session, code, files, limit)
             if result.outcome == "interrupted":
                 # Only a stopping server interrupts these kernels: every request has a fresh one, so a
@@ -182,11 +182,11 @@ async def _cells(body: RunJupyterRequest, session: Session, services: ServicesDe
         return RunJupyterResponse(status="SandboxError", message=message, cells=cells, executor_pod_name=_pod(session))
     elapsed = time.monotonic() - began
     if status == "TimeLimitExceeded":
-        problem = (
-            f"a cell ran longer than its time limit ({body.cell_timeout:g} s per cell)"
-            if cell_limited
-            else f"the cells ran longer than their time limit ({body.total_timeout:g} s in total)"
-        )
+        problem = {
+            "cell": f"a cell ran longer than its time limit ({body.cell_timeout:g} s per cell)",
+            "total": f"the cells ran longer than their time limit ({body.total_timeout:g} s in total)",
+            "server": f"a cell ran longer than this server lets one run ({longest:g} s)",
+        }[reached]
     driver = CommandRunResult(
         status=status,
         execution_time=elapsed,

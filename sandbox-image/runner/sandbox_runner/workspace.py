@@ -47,12 +47,17 @@ def resolve_path(root: Path, name: Any, limits: Limits, *, root_allowed: bool = 
     except FileRejected as exc:
         raise WorkspaceRefused("invalid_file", str(exc).replace("file name", "path")) from exc
     target = root / relative
-    real = followed(target.parent) if entry else followed(target)
-    if real is None:
-        raise WorkspaceRefused("invalid_file", "path passes through a loop of symbolic links")
-    if not _inside(root, real / target.name if entry else real):
+    if not _inside(root, _real(target.parent) / target.name if entry else _real(target)):
         raise WorkspaceRefused("invalid_file", "path resolves outside the working directory")
     return target
+
+
+def _real(path: Path) -> Path:
+    """``path`` with its symlinks followed; refused when they form a loop (code may make one any time)."""
+    real = followed(path)
+    if real is None:
+        raise WorkspaceRefused("invalid_file", "path passes through a loop of symbolic links")
+    return real
 
 
 def _missing(name: Any) -> WorkspaceRefused:
@@ -63,7 +68,7 @@ def list_dir(root: Path, name: Any, limits: Limits) -> dict[str, Any]:
     """Regular files and directories in one directory (symlinks, FIFOs and devices are left out)."""
     if isinstance(name, str) and name.strip("/") and not name.startswith("/"):
         name = name.rstrip("/")  # "plots/" names a directory as well as "plots" does
-    directory = resolve_path(root, name, limits, root_allowed=True).resolve()
+    directory = _real(resolve_path(root, name, limits, root_allowed=True))
     real_root = root.resolve()
     if not directory.exists():
         raise _missing(name)
@@ -98,7 +103,7 @@ def list_dir(root: Path, name: Any, limits: Limits) -> dict[str, Any]:
 
 def read_chunk(root: Path, name: Any, limits: Limits, offset: int, length: int, max_bytes: int) -> dict[str, Any]:
     """``length`` bytes from ``offset`` of a regular file, base64, with its size and mtime."""
-    target = resolve_path(root, name, limits).resolve()
+    target = _real(resolve_path(root, name, limits))
     try:
         # O_NONBLOCK: opening a FIFO must not hang; it is refused below like any non-regular file.
         fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
