@@ -51,6 +51,18 @@ async def test_interrupt_op_stops_a_running_execute(runner):
     assert (await runner.execute("print(survivor)")).outputs == [{"type": "stdout", "data": "1\n"}]
 
 
+async def test_an_interrupt_sent_with_the_execute_is_not_lost(runner):
+    """Sent before the cell had started, the interrupt was ignored and the cell ran its full course."""
+    assert (await runner.execute("kept = 1")).outcome == "ok"
+    # A long cell takes the interpreter a while to read: the interrupt surely arrives first.
+    execute = asyncio.ensure_future(runner.execute("import time\ntime.sleep(60)\n" + "#" * 4_000_000, timeout=120))
+    await asyncio.sleep(0)  # the execute request goes out first
+    assert await runner.client.request("interrupt", {}, timeout=10) == {"interrupted": True}
+    result = await asyncio.wait_for(execute, 20)
+    assert result.outcome == "interrupted", result.outputs
+    assert (await runner.execute("print(kept)")).outputs == [{"type": "stdout", "data": "1\n"}]
+
+
 async def test_interrupt_when_idle_is_harmless(runner):
     assert await runner.client.request("interrupt", {}, timeout=10) == {"interrupted": False}
     assert (await runner.execute("print('still fine')")).outcome == "ok"

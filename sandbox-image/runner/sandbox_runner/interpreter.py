@@ -70,7 +70,7 @@ def main() -> None:
 
 
 def _run_cell(shell: Any, code: str) -> None:
-    """Run one cell with SIGINT armed; an interrupt that lands outside the cell's own handling is dropped.
+    """Run one cell with SIGINT armed; an interrupt that lands outside the cell's own handling is an error too.
 
     Every error the cell raised is sent as an ``error`` output, even one IPython could not format (it
     prints a fallback instead) or one raised by IPython's own machinery around the cell (a shell method
@@ -83,8 +83,11 @@ def _run_cell(shell: Any, code: str) -> None:
             result = shell.run_cell(code, store_history=True)
         finally:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt as exc:
+        # Outside the cell's own code (IPython reports those): most often while IPython was still reading
+        # a long cell, which then never ran; said, so that the execute is not taken for a success.
+        if not shell.error_sent:
+            _send_error(shell, exc)
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - IPython failing around the cell ends the cell only
         # (a SystemExit gets here only from IPython's own machinery, a post_run_cell callback's say: the
         # cell's own is shown by IPython; exit() and quit() end the interpreter through exit_now)

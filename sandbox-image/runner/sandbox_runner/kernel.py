@@ -35,6 +35,8 @@ _PRESSED_POLL: Final = 0.01
 _READY_TIMEOUT: Final = 60.0
 # How often a timed-out execute looks again whether its cell has started, to interrupt it.
 _ARMING_POLL: Final = 0.01
+# How long an interrupt request waits for a cell that has not started yet.
+_ARMING_WAIT: Final = 2.0
 # Frames kept when nobody reads them.
 _INBOX_LIMIT: Final = 10_000
 _STATE_LOST: Final = "The kernel was restarted: variables, imports and other session state are lost."
@@ -163,6 +165,16 @@ class KernelSupervisor:
     def settle(self) -> None:
         """Bookkeeping after an execute, once its reply is out."""
         self._oom_baseline = procs.oom_kill_count()
+
+    async def interrupt_cell(self, running: Callable[[], bool]) -> None:
+        """Interrupt the cell of a running execute once the kernel has SIGINT armed (while ``running()``,
+        for up to ``_ARMING_WAIT``): sent before the cell has started, it would be ignored."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + _ARMING_WAIT
+        # The kernel's signal mask has no event to wait on: poll it.
+        while running() and self.pid is not None and procs.ignores(self.pid, signal.SIGINT) and loop.time() < until:  # noqa: ASYNC110
+            await asyncio.sleep(_ARMING_POLL)
+        await self.interrupt()
 
     async def interrupt(self) -> None:
         """Send SIGINT to the kernel's process group (the running execute sees KeyboardInterrupt)."""

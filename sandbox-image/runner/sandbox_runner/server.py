@@ -133,7 +133,7 @@ class Runner:
                     await self._execute(request_id, args)
                 case "interrupt":
                     self._interrupt_requested = self._running
-                    await self._kernel.interrupt()
+                    await self._kernel.interrupt_cell(lambda: self._running)
                     await self._send(ok(request_id, {"interrupted": self._running}))
                 case "stats":
                     await self._send(ok(request_id, self._stats()))
