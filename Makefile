@@ -20,6 +20,7 @@ PYTEST_ARGS ?=
 DOCKER_BUILD_FLAGS ?=
 
 SANDBOX_DIR := sandbox-image
+VENV_COPY_FILE := $(SANDBOX_DIR)/.venv-copy
 CA_STAGED   := $(SANDBOX_DIR)/ca/ca.pem
 
 # The hardening set sessions run with; used by image-smoke.
@@ -57,9 +58,15 @@ image: base-image ## Build the sandbox image
 		rm -f $(CA_STAGED); \
 	fi
 	@echo "==> docker build -t $(IMAGE) $(SANDBOX_DIR)"
-	$(DOCKER) build $(DOCKER_BUILD_FLAGS) \
-		--build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg KEEP_CA=$(KEEP_CA) \
-		-t $(IMAGE) $(SANDBOX_DIR)
+	@# A failed build is tried once more with the virtualenv copied afresh (the Dockerfile says why);
+	@# the new VENV_COPY is kept, so later builds reuse the good copy from the cache.
+	@build() { $(DOCKER) build $(DOCKER_BUILD_FLAGS) \
+		--build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg KEEP_CA=$(KEEP_CA) --build-arg VENV_COPY=$$1 \
+		-t $(IMAGE) $(SANDBOX_DIR); }; \
+	build "$$(cat $(VENV_COPY_FILE) 2>/dev/null || echo 0)" || { \
+		copy=$$(date +%s); echo "$$copy" > $(VENV_COPY_FILE); \
+		echo "==> the build failed; once more, copying the virtualenv afresh (VENV_COPY=$$copy)"; \
+		build "$$copy"; }
 	@$(DOCKER) image inspect -f '==> built $(IMAGE): {{.Size}} bytes' $(IMAGE)
 
 image-smoke: ## Import every preinstalled package in the image, hardened and read-only

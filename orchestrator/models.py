@@ -31,6 +31,8 @@ class Claim:
     tenant: str
     started_at: float
     expires_at: float
+    listed: bool = True
+    """False for a sandbox another surface holds by handle (a run lane): a restarted server removes it."""
 
 
 @dataclass(frozen=True)

@@ -184,8 +184,6 @@ class Session:
     waiting: int = 0
     gone: str | None = None
     """Why the session ended (expired, idle, lost, closed); set before its container is removed."""
-    listed: bool = True
-    """False for sessions another surface holds by handle: not listed, not reachable by id."""
     attempts: Attempts = field(default_factory=Attempts)
     """Its latest execute, for a retry of it (``attempts.py``)."""
 
@@ -329,6 +327,10 @@ class SessionManager:
             if not sandbox.running or claim.expires_at <= now:
                 await self._destroy_quietly(sandbox.sandbox_id, "expired" if sandbox.running else "dead")
                 continue
+            if not claim.listed:
+                # Held by a surface of the server that stopped (a run lane): nothing to hand it back to.
+                await self._destroy_quietly(sandbox.sandbox_id, "held")
+                continue
             try:
                 client, hello = await first_request(self._backend, sandbox, 10, "stats", {}, 10)
             except (OrchestratorError, RunnerRefused) as exc:
@@ -353,7 +355,7 @@ class SessionManager:
             (
                 s.view()
                 for s in self._sessions.values()
-                if s.claim.tenant == tenant and s.listed and self._alive(s, now)
+                if s.claim.tenant == tenant and s.claim.listed and self._alive(s, now)
             ),
             key=lambda view: view.started_at,
         )
@@ -432,9 +434,7 @@ class SessionManager:
             CapacityExhausted: no room for a new session (nothing ran).
             SandboxFailure: no sandbox could be provided (nothing ran).
         """
-        session = await self._new_session(tenant)
-        session.listed = listed
-        return session
+        return await self._new_session(tenant, listed=listed)
 
     async def execute_in(
         self, session: Session, code: str, files: list[dict[str, str]] | None, timeout: float
@@ -476,15 +476,17 @@ class SessionManager:
     def _lookup(self, tenant: str, session_id: str) -> Session:
         session = self._sessions.get(session_id) if looks_like_session_id(session_id) else None
         now = self._clock()
-        if session is None or session.claim.tenant != tenant or not session.listed or not self._alive(session, now):
+        if session is None or session.claim.tenant != tenant or not session.claim.listed:
+            raise _not_found(session_id)
+        if not self._alive(session, now):
             raise _not_found(session_id)
         return session
 
-    async def _new_session(self, tenant: str) -> Session:
+    async def _new_session(self, tenant: str, *, listed: bool = True) -> Session:
         self._admit(tenant)
         try:
             now = self._clock()
-            claim = Claim(new_session_id(), tenant, now, now + self._settings.session_lifespan_seconds)
+            claim = Claim(new_session_id(), tenant, now, now + self._settings.session_lifespan_seconds, listed)
             began = time.monotonic()
             session = await self._from_pool(claim)
             source = "pool"

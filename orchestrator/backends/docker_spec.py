@@ -40,7 +40,7 @@ def runner_environment(sandbox: SandboxSettings) -> dict[str, str]:
         "TCI_RUNNER_MAX_STREAM_BYTES": str(sandbox.max_stream_bytes),
         "TCI_RUNNER_MAX_OUTPUT_BYTES": str(sandbox.max_output_bytes),
         # What a run_code request may add at the top of these is deleted after it (run lanes).
-        "TCI_RUNNER_SCRUB_DIRS": f"{HOME}:/tmp:{USER_PACKAGES}",
+        "TCI_RUNNER_SCRUB_DIRS": f"{HOME}:/tmp:/dev/shm:{USER_PACKAGES}",
     }
 
 

@@ -57,6 +57,7 @@ def claim_metadata(claim: Claim) -> dict[str, Any]:
         "tenant": claim.tenant,
         "started_at": claim.started_at,
         "expires_at": claim.expires_at,
+        "listed": claim.listed,
     }
     return {
         "labels": {STATE: CLAIMED, SESSION: claim.session_id},
@@ -77,6 +78,7 @@ def parse_claim(metadata: dict[str, Any]) -> Claim | None:
             tenant=str(record["tenant"]),
             started_at=float(record["started_at"]),
             expires_at=float(record["expires_at"]),
+            listed=record.get("listed", True) is not False,
         )
     except (ValueError, KeyError, TypeError):
         return None

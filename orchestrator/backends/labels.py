@@ -27,7 +27,7 @@ _PREFIX: Final = "tci"
 _POOL: Final = re.compile(r"^tci\.[A-Za-z0-9_-]+\.pool\.[0-9a-f]+$")
 _CLAIMED: Final = re.compile(
     r"^tci\.(?P<instance>[A-Za-z0-9_-]+)\.(?P<session>ses_[A-Za-z0-9]+)\.(?P<tenant>[A-Za-z0-9_-]+)"
-    r"\.(?P<started>\d+)\.(?P<expires>\d+)$"
+    r"\.(?P<started>\d+)\.(?P<expires>\d+)(?P<unlisted>\.held)?$"
 )
 
 
@@ -62,7 +62,7 @@ def claimed_name(instance: str, claim: Claim) -> str:
     """Name that records ``claim`` on the engine (times in whole milliseconds)."""
     return (
         f"{_PREFIX}.{instance}.{claim.session_id}.{claim.tenant}"
-        f".{int(claim.started_at * 1000)}.{int(claim.expires_at * 1000)}"
+        f".{int(claim.started_at * 1000)}.{int(claim.expires_at * 1000)}" + ("" if claim.listed else ".held")
     )
 
 
@@ -76,4 +76,5 @@ def parse_claim(name: str) -> Claim | None:
         tenant=match["tenant"],
         started_at=int(match["started"]) / 1000,
         expires_at=int(match["expires"]) / 1000,
+        listed=match["unlisted"] is None,
     )

@@ -12,10 +12,10 @@ The image names those trees in its label ``tci.sandbox.library-paths`` (absolute
 ``:``). Per image id there is one volume per tree, filled once by the engine itself: it copies an
 image's content into an empty named volume when a container that mounts it is created, so the
 filler is a container that is created and removed, never started. Every sandbox made from that
-image mounts them read-only. A third, empty volume is created once a fill has succeeded and marks
-the set complete; until it exists sandboxes are made from the image alone, so a fill never delays
-a session. A new image id gets new volumes; those of images the engine no longer has are removed
-when nothing uses them.
+image mounts them read-only. A third, empty volume marks the set complete; it is created once a
+fill has succeeded and the volumes list exactly what the image's trees hold (``compare``). Until it
+exists sandboxes are made from the image alone, so a fill never delays a session. A new image id
+gets new volumes; those of images the engine no longer has are removed when nothing uses them.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ PATHS_LABEL: Final = "tci.sandbox.library-paths"
 LIBRARY: Final = f"{labels.NAMESPACE}.library"
 """Label on the volumes (and the filler): the image id they were filled from."""
 _PREFIX: Final = "tci-lib"
+# Copies into a set that came out unlike the image before the fill gives up (sessions then use the image).
+_FILL_ATTEMPTS: Final = 3
 STALE_LOCK_SECONDS: Final = 900.0
 """No fill takes this long (1.6 GB took 30-60 s here): an older lock is a dead filler's."""
 
@@ -105,6 +107,7 @@ def fill(client: docker.DockerClient, library: Library, *, wait_seconds: float) 
     """
     deadline = time.monotonic() + wait_seconds
     owner = {LIBRARY: library.image_id}
+    attempts = 0
     while not complete(client, library):
         try:
             lock = client.containers.create(library.image_id, name=library.filler, labels=owner, network_mode="none")
@@ -131,9 +134,41 @@ def fill(client: docker.DockerClient, library: Library, *, wait_seconds: float) 
             client.containers.create(
                 library.image_id, labels=owner, volumes=library.mounts("rw"), network_mode="none"
             ).remove(force=True)
+            if (difference := compare(client, library)) is not None:
+                attempts += 1
+                if attempts >= _FILL_ATTEMPTS:
+                    raise RuntimeError(f"library volumes {library.marker} differ from the image: {difference}")
+                continue  # the next round removes them and copies again
             client.volumes.create(library.marker, labels=owner)
         finally:
             lock.remove(force=True)
+
+
+def _listing(client: docker.DockerClient, library: Library, *, mounted: bool) -> set[bytes]:
+    """Every entry of the image's trees (files with their sizes), from the image or from the volumes."""
+    found: bytes = client.containers.run(
+        library.image_id,
+        entrypoint=["find", *library.paths, "(", "-type", "f", "-printf", "%p %s\\n", ")", "-o", "-printf", "%p\\n"],
+        volumes=library.mounts() if mounted else None,
+        network_mode="none",
+        remove=True,
+        labels={LIBRARY: library.image_id},
+    )
+    return set(found.splitlines())
+
+
+def compare(client: docker.DockerClient, library: Library) -> str | None:
+    """None if the volumes hold exactly the image's trees, else what differs.
+
+    The engine's copy reads the image through its storage driver, which on a userspace overlay
+    (fuse-overlayfs) has once left a whole directory out of a copy without an error: every session
+    would then miss that package, where the image alone has it.
+    """
+    in_volumes, in_image = _listing(client, library, mounted=True), _listing(client, library, mounted=False)
+    if in_volumes == in_image:
+        return None
+    absent, extra = sorted(in_image - in_volumes), sorted(in_volumes - in_image)
+    return f"{len(absent)} entries missing (e.g. {absent[:3]}), {len(extra)} not in the image (e.g. {extra[:3]})"
 
 
 def _lock_age(client: docker.DockerClient, library: Library) -> float:

@@ -52,6 +52,8 @@ async def spawn_runner(environment: dict[str, str], *, max_frame_bytes: int) -> 
         "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
         # The kernel's connection and socket files go with the root when the runner is killed.
         "TMPDIR": str(root / "tmp"),
+        # Never the host's own /tmp or /dev/shm: a run lane deletes what appears there during a run.
+        "TCI_RUNNER_SCRUB_DIRS": f"{root / 'home'}:{root / 'tmp'}",
     }
     (root / "tmp").mkdir()
     try:

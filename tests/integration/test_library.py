@@ -98,6 +98,18 @@ def test_fill_copies_the_trees_once_and_replaces_a_half_filled_set(
     created = docker_client.volumes.get(small_image.marker).attrs["CreatedAt"]
     library.fill(docker_client, small_image, wait_seconds=60)
     assert docker_client.volumes.get(small_image.marker).attrs["CreatedAt"] == created
+    # What a fill checks before it marks the set complete: a copy that left a directory out is told apart.
+    assert library.compare(docker_client, small_image) is None
+    docker_client.containers.run(
+        BASE_IMAGE,
+        entrypoint=["rm", "-r", "/v/Europe"],
+        volumes={small_image.volumes[0]: {"bind": "/v", "mode": "rw"}},
+        network_mode="none",
+        remove=True,
+    )
+    difference = library.compare(docker_client, small_image)
+    assert difference is not None
+    assert "/usr/share/zoneinfo/Europe" in difference
 
 
 def test_concurrent_fills_wait_for_one_another(

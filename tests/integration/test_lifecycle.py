@@ -70,6 +70,14 @@ def test_sigkill_restart_keeps_sessions_and_leaves_nothing_unaccounted(docker_cl
                 "session_id"
             ]
             httpx.post(f"{base}/execute", json={"code": "y = x + 1", "session_id": sid}, headers=AUTH, timeout=60)
+            # A run lane too: the next server removes it (it was listed and counted as a session).
+            ran = httpx.post(
+                f"http://127.0.0.1:{port}/run_code",
+                json={"code": "print(1)", "language": "python"},
+                headers=AUTH,
+                timeout=60,
+            )
+            assert ran.json()["status"] == "Success", ran.text
         finally:
             first.send_signal(signal.SIGKILL)
             first.wait()

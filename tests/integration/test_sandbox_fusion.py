@@ -158,7 +158,7 @@ def test_nothing_of_one_request_reaches_the_next(api: TestClient) -> None:
     plant = (
         "import os, subprocess, pathlib\n"
         "subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
-        "for d in ('/tmp', os.path.expanduser('~'), '/home/sandbox', '/workspace', '.'):\n"
+        "for d in ('/tmp', '/dev/shm', os.path.expanduser('~'), '/home/sandbox', '/workspace', '.'):\n"
         "    pathlib.Path(d, 'planted').write_text('x')\n"
         "print(os.getcwd())\n"
     )
@@ -166,7 +166,7 @@ def test_nothing_of_one_request_reaches_the_next(api: TestClient) -> None:
     assert first["status"] == "Success", first
     check = (
         "import os\n"
-        "dirs = ('/tmp', '/home/sandbox', '/workspace', '.')\n"
+        "dirs = ('/tmp', '/dev/shm', '/home/sandbox', '/workspace', '.')\n"
         "left = [d for d in dirs if os.path.exists(os.path.join(d, 'planted'))]\n"
         "cmds = [open(f'/proc/{p}/cmdline', 'rb').read() for p in os.listdir('/proc') if p.isdigit()]\n"
         "print(left, any(c.startswith(b'sleep') for c in cmds), os.getcwd())\n"

@@ -105,10 +105,22 @@ async def test_total_cap_drops_a_matplotlib_figure(runner):
 
 
 async def test_total_cap_also_cuts_streams(runner):
-    # The display takes 4500 of the 5000 bytes; only 500 bytes of stdout fit after it.
+    # The display takes 4500 + 64 (its envelope) of the 5000 bytes, the stdout item's envelope 64: only 372
+    # bytes of stdout fit after it.
     result = await runner.execute(
         "from IPython.display import display\ndisplay({'text/plain': 'q' * 4500}, raw=True)\nprint('r' * 999)"
     )
     assert result.of("display_data") == [{"text/plain": "q" * 4500}]
-    assert result.of("stdout") == ["r" * 500 + marker("stdout", 500)]
-    assert result.result["dropped_bytes"] == {"stdout": 500}
+    assert result.of("stdout") == ["r" * 372 + marker("stdout", 628)]
+    assert result.result["dropped_bytes"] == {"stdout": 628}
+
+
+async def test_output_items_count_against_the_total(runner):
+    """stdout and stderr in turn, a byte at a time: a million items while every byte cap had room."""
+    result = await runner.execute(
+        "import sys\nfor _ in range(2000):\n"
+        "    print(end='o', flush=True)\n"
+        "    print(end='e', file=sys.stderr, flush=True)"
+    )
+    assert len(result.outputs) < 5000 // 64 + 2  # each item's envelope counts 64 bytes of the 5000
+    assert set(result.result["dropped_bytes"]) == {"stdout", "stderr"}  # and said so

@@ -60,6 +60,8 @@ def test_kubernetes_claim_round_trips_through_pod_metadata() -> None:
     assert metadata["labels"][spec.STATE] == spec.CLAIMED
     assert metadata["labels"][spec.SESSION] == claim.session_id
     assert spec.parse_claim(metadata) == claim
+    held = Claim("ses_abcdefghijklmnopqrstuv", "t", 1_700_000_000.0, 1_700_003_600.0, listed=False)
+    assert spec.parse_claim(_pod(held)["metadata"]) == held
     warm = _pod()["metadata"]
     assert warm["labels"][spec.STATE] == spec.WARM
     assert spec.parse_claim(warm) is None

@@ -8,6 +8,9 @@ def test_claim_round_trips_through_the_container_name():
     parsed = labels.parse_claim(name)
     assert parsed == claim
     assert labels.parse_claim("/" + name) == claim  # the engine reports names with a leading slash
+    # A run lane's claim says so: a restarted server removes it instead of listing it as a session.
+    held = Claim(new_session_id(), "team-a", 1_700_000_000.123, 1_700_003_600.123, listed=False)
+    assert labels.parse_claim(labels.claimed_name("prod", held)) == held
 
 
 def test_unclaimed_and_foreign_names_carry_no_claim():

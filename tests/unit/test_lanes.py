@@ -48,9 +48,9 @@ class FakeManager:
             raise CapacityExhausted("tenant session cap reached", retry_after=5)
         now = time.time()
         index = len(self.opened)
-        claim = Claim(f"ses_fake{index:08d}", tenant, now, now + 3600)
+        claim = Claim(f"ses_fake{index:08d}", tenant, now, now + 3600, listed)
         sandbox = SandboxInfo(f"sandbox{index}", "name", True, now, "profile", claim)
-        session = Session(claim=claim, sandbox=sandbox, client=cast(Any, _Client()), listed=listed)
+        session = Session(claim=claim, sandbox=sandbox, client=cast(Any, _Client()))
         self.opened.append(session)
         return session
 
@@ -68,7 +68,7 @@ async def test_a_lane_is_reused_and_never_listed() -> None:
     manager = FakeManager()
     lanes = lanes_with(manager)
     async with lanes.lease("t") as first:
-        assert first.listed is False
+        assert first.claim.listed is False
     async with lanes.lease("t") as second:
         assert second is first
     assert len(manager.opened) == 1

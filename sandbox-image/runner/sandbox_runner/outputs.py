@@ -17,6 +17,10 @@ from .config import Limits
 # CSI sequences (colours, cursor moves) and OSC sequences (titles, hyperlinks).
 _ANSI: Final = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 STREAMS: Final = ("stdout", "stderr")
+# What each output item counts against MAX_OUTPUT_BYTES besides its data: its envelope in the reply.
+# Without it, stdout and stderr written in turn a byte at a time made a million items (40 MB of JSON
+# that held the control plane's loop for seconds) while every byte cap still had room.
+ITEM_BYTES: Final = 64
 
 
 def strip_ansi(text: str) -> str:
@@ -139,9 +143,11 @@ class OutputCollector:
     def _stream(self, name: str, text: str) -> None:
         self._maybe_clear()
         size = utf8_len(text)
+        # A piece that does not continue the last item starts a new one, which costs its envelope.
+        envelope = 0 if self.outputs and self.outputs[-1]["type"] == name else ITEM_BYTES
         room = min(
             self._limits.max_stream_bytes - self._stream_bytes[name],
-            self._limits.max_output_bytes - self._total_bytes,
+            self._limits.max_output_bytes - self._total_bytes - envelope,
         )
         if self.dropped[name]:
             room = 0  # once something was dropped nothing more is kept: the output stays a prefix
@@ -156,18 +162,18 @@ class OutputCollector:
         elif text:
             self._append(name, text)
         self._stream_bytes[name] += size
-        self._total_bytes += size
+        self._total_bytes += size + (envelope if text else 0)
 
     def _display(self, kind: str, data: Any) -> None:
         if not isinstance(data, dict):
             return
         self._maybe_clear()
         size = bundle_size(data)
-        if self._total_bytes + size > self._limits.max_output_bytes:
+        if self._total_bytes + size + ITEM_BYTES > self._limits.max_output_bytes:
             self.dropped["display"] += size
             self._dropped_displays += 1
             return
-        self._total_bytes += size
+        self._total_bytes += size + ITEM_BYTES
         self._append(kind, dict(data))
 
     def add_source_drops(self, report: Any) -> None:
@@ -194,7 +200,7 @@ class OutputCollector:
         text = strip_ansi("\n".join(str(line) for line in traceback)) if traceback else ""
         if not text.strip():
             text = f"{ename}: {evalue}"
-        self._total_bytes += utf8_len(text)
+        self._total_bytes += utf8_len(text) + ITEM_BYTES
         if self._on_output is not None:
             self._on_output({"type": "error", "data": text})
         self.outputs.append({"type": "error", "data": text})

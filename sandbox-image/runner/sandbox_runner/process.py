@@ -275,8 +275,10 @@ async def _execute(request: _Request, home: Path, config: RunnerConfig, keep: se
     over_memory = watchdog in done
     timed_out = not done
     watchdog.cancel()
+    # Also when the program has exited: children it left in its process group (still forking, say) die
+    # at once here, where the sweep below would chase them one pid at a time.
+    _kill_group(process.pid)
     if not waiter.done():
-        _kill_group(process.pid)
         await waiter
     # Only now, with our own child reaped by asyncio, may the sweep reap everything else.
     procs.kill_leftovers(keep)
