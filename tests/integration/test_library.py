@@ -64,6 +64,17 @@ def listing(client: docker.DockerClient, volume: str) -> str:
     return output.decode()
 
 
+def in_volume(client: docker.DockerClient, volume: str, command: str) -> None:
+    """Run a shell ``command`` with ``volume`` mounted writable at /v."""
+    client.containers.run(
+        BASE_IMAGE,
+        entrypoint=["sh", "-c", command],
+        volumes={volume: {"bind": "/v", "mode": "rw"}},
+        network_mode="none",
+        remove=True,
+    )
+
+
 def test_sessions_import_from_read_only_library_volumes(api: TestClient) -> None:
     data = execute(api, MOUNTS_PROBE)
     assert text_of(data, "stdout").split() == ["ro,relatime", "ro,relatime", "True", "OSError"]
@@ -80,13 +91,7 @@ def test_fill_copies_the_trees_once_and_replaces_a_half_filled_set(
 ) -> None:
     # What a fill that died half-way leaves: volumes the engine would not copy into again.
     docker_client.volumes.create(small_image.volumes[0]).remove()
-    docker_client.containers.run(
-        BASE_IMAGE,
-        entrypoint=["sh", "-c", "touch /v/stale"],
-        volumes={small_image.volumes[0]: {"bind": "/v", "mode": "rw"}},
-        network_mode="none",
-        remove=True,
-    )
+    in_volume(docker_client, small_image.volumes[0], "touch /v/stale")
     assert not library.complete(docker_client, small_image)
     library.fill(docker_client, small_image, wait_seconds=60)
     assert library.complete(docker_client, small_image)
@@ -100,13 +105,7 @@ def test_fill_copies_the_trees_once_and_replaces_a_half_filled_set(
     assert docker_client.volumes.get(small_image.marker).attrs["CreatedAt"] == created
     # What a fill checks before it marks the set complete: a copy that left a directory out is told apart.
     assert library.compare(docker_client, small_image) is None
-    docker_client.containers.run(
-        BASE_IMAGE,
-        entrypoint=["rm", "-r", "/v/Europe"],
-        volumes={small_image.volumes[0]: {"bind": "/v", "mode": "rw"}},
-        network_mode="none",
-        remove=True,
-    )
+    in_volume(docker_client, small_image.volumes[0], "rm -r /v/Europe")
     difference = library.compare(docker_client, small_image)
     assert difference is not None
     assert "/usr/share/zoneinfo/Europe" in difference
