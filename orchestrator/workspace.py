@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import mimetypes
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -97,10 +98,20 @@ class SessionFiles:
         self._manager = manager
         self._max_download = max_download_bytes
 
+    @contextlib.asynccontextmanager
+    async def _ended_is_not_found(self, tenant: str, session_id: str) -> AsyncIterator[None]:
+        """A request cut off because the session was closed or expired meanwhile is a 404, not a 502."""
+        try:
+            yield
+        except RunnerFailure:
+            await self._manager.runner(tenant, session_id, reading=True)  # SessionNotFound once it has ended
+            raise
+
     async def list(self, tenant: str, session_id: str, path: str) -> Listing:
         """Entries of one directory (``""`` is the working directory)."""
         client = await self._manager.runner(tenant, session_id, reading=True)
-        raw = await _call(client, "list_files", {"path": path})
+        async with self._ended_is_not_found(tenant, session_id):
+            raw = await _call(client, "list_files", {"path": path})
         try:
             return Listing.model_validate(raw)
         except ValidationError as exc:
@@ -113,7 +124,8 @@ class SessionFiles:
         """
         client = await self._manager.runner(tenant, session_id, reading=True)
         limit = self._max_download if max_bytes is None else min(max_bytes, self._max_download)
-        first, data = await self._chunk(client, path, 0, limit)
+        async with self._ended_is_not_found(tenant, session_id):
+            first, data = await self._chunk(client, path, 0, limit)
 
         async def chunks() -> AsyncIterator[bytes]:
             # Never more than the announced size: a file that grows meanwhile is cut there, one that
@@ -161,7 +173,8 @@ class SessionFiles:
         """Write one file (parents created, replaced atomically); the stored path and size."""
         client = await self._manager.runner(tenant, session_id)
         encoded = base64.b64encode(content).decode("ascii")
-        raw = await _call(client, "write_file", {"path": path, "content": encoded})
+        async with self._ended_is_not_found(tenant, session_id):
+            raw = await _call(client, "write_file", {"path": path, "content": encoded})
         try:
             written = _Written.model_validate(raw)
         except ValidationError as exc:
@@ -171,4 +184,5 @@ class SessionFiles:
     async def delete(self, tenant: str, session_id: str, path: str) -> None:
         """Remove one file or directory tree."""
         client = await self._manager.runner(tenant, session_id)
-        await _call(client, "delete_file", {"path": path})
+        async with self._ended_is_not_found(tenant, session_id):
+            await _call(client, "delete_file", {"path": path})
