@@ -232,11 +232,12 @@ async def test_shell_escapes_with_unusual_streams(runner):
     failing = await runner.execute(
         "import contextlib\nclass Refuses:\n    def write(self, text):\n        raise OSError('no room')\n"
         "    def flush(self):\n        pass\n"
-        "with contextlib.redirect_stdout(Refuses()):\n    !echo one; sleep 30; echo two"
+        "with contextlib.redirect_stdout(Refuses()):\n    !echo one; sleep 29.37; echo two"
     )
     assert failing.outcome == "error"
     assert "no room" in failing.text("error")
-    left = await runner.execute("!ps -eo args | grep -c '[s]leep 30'")
+    # A duration of its own: this runner runs on the host, whose every process ps lists.
+    left = await runner.execute("!ps -eo args | grep -c '[s]leep 29.37'")
     assert left.text("stdout") == "0\n"
 
 
