@@ -233,7 +233,7 @@ class SessionManager:
         self._create_slots = asyncio.Semaphore(settings.max_concurrent_creates)
         self.pool = WarmPool(settings, backend, metrics, has_room=self._pool_has_room)
         self._reap_lock = asyncio.Lock()
-        self._stopping = False
+        # Set by ``stop_executes``: nothing new is taken, and calls still running end soon.
         self._stopped = asyncio.Event()
 
     # -- capacity ------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ class SessionManager:
 
     def _admit(self, tenant: str) -> None:
         """Reserve room for a new session or raise 429; callers must ``_pending[tenant] -= 1``."""
-        if self._stopping:
+        if self._stopped.is_set():
             raise _restarting()
         tenant_count = self._pending[tenant] + sum(1 for s in self._sessions.values() if s.claim.tenant == tenant)
         if tenant_count >= self._settings.max_sessions_per_tenant:
@@ -270,7 +270,7 @@ class SessionManager:
     @property
     def stopping(self) -> bool:
         """Whether the server is stopping (``stop_executes`` was called): nothing new is taken."""
-        return self._stopping
+        return self._stopped.is_set()
 
     async def stop_executes(self) -> None:
         """The server is about to stop: interrupt the executes that run, refuse those that wait (429).
@@ -280,7 +280,6 @@ class SessionManager:
         instead of a connection cut at the end of the wait, which the SDKs would retry on the next
         server, running the code a second time. Sessions and their state are kept for that server.
         """
-        self._stopping = True
         self._stopped.set()
 
         async def stop(session: Session) -> None:
@@ -476,9 +475,12 @@ class SessionManager:
     def _lookup(self, tenant: str, session_id: str) -> Session:
         session = self._sessions.get(session_id) if looks_like_session_id(session_id) else None
         now = self._clock()
-        if session is None or session.claim.tenant != tenant or not session.claim.listed:
-            raise _not_found(session_id)
-        if not self._alive(session, now):
+        if (
+            session is None
+            or session.claim.tenant != tenant
+            or not session.claim.listed
+            or not self._alive(session, now)
+        ):
             raise _not_found(session_id)
         return session
 
@@ -572,7 +574,7 @@ class SessionManager:
         finally:
             session.waiting -= 1
         try:
-            if self._stopping:
+            if self._stopped.is_set():
                 raise _restarting()
             # A session made for this request runs its first code even if starting it took long.
             if not fresh and not self._alive(session, self._clock()):
@@ -593,7 +595,7 @@ class SessionManager:
             ) from exc
 
     async def _send(self, session: Session, job: _Job, timeout: float) -> ExecuteResult:
-        if self._stopping:
+        if self._stopped.is_set():
             raise _restarting()  # asked since its turn came (the budget may have waited)
         sent = _Streamed()
         listener = None if job.watcher is None else functools.partial(_relay, job.watcher, session.session_id, sent)
@@ -618,7 +620,7 @@ class SessionManager:
         except ValidationError:
             return await self._failed_mid_execute(session, "the sandbox sent a malformed reply", sent)
         outputs = [o.model_dump() for o in result.outputs]
-        if self._stopping and result.outcome == "interrupted":
+        if self._stopped.is_set() and result.outcome == "interrupted":
             outputs.append({"type": "stderr", "data": _STOPPED})
         session.execute_count += 1
         session.last_execute_at = self._clock()
